@@ -1,0 +1,3 @@
+"""Languini: a research kitchen for language modelling at fixed compute."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,53 @@
+"""Device and precision choices, kept out of model code (the trainer and tools wire them in)."""
+
+import contextlib
+
+import torch
+
+from languini.common_lib.errors import UserError
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """`auto` -> cuda:<local_rank> when CUDA is available, else cpu."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for but no CUDA device is available")
+        return torch.device("cuda", local_rank)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise UserError(f"unknown device '{name}'; valid: auto, cpu, cuda")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` -> bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+    if precision != "auto":
+        if precision == "fp16" and device.type == "cpu":
+            raise UserError("fp16 needs a CUDA device; use --precision fp32 or bf16 on CPU")
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def autocast_context(precision: str, device: torch.device):
+    """The autocast context for a forward pass at `precision` (fp32: no autocast)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def device_name(device: torch.device) -> str:
+    """Human-readable accelerator name (e.g. 'NVIDIA H100 80GB HBM3') or the CPU's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

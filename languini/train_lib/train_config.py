@@ -1,0 +1,69 @@
+"""Fields shared by every project's config: data, optimiser recipe, schedule, logging, run folder.
+
+A project's `configs.py` subclasses `TrainConfig` with its model fields and defines its presets.
+Defaults reproduce the original Languini recipe (DESIGN §5).
+"""
+
+from dataclasses import dataclass
+
+from languini.common_lib.config import cfg_field
+
+
+@dataclass
+class TrainConfig:
+    # identity
+    project: str = cfg_field("", "project name (set by the project's configs.py)")
+    preset: str = cfg_field("", "preset the config was built from (set by the parser)")
+    exp_name: str = cfg_field("", "experiment name; empty = derived from the config")
+    run_dir: str = cfg_field("", "run folder; empty = runs/<project>/<exp_name>")
+    resume: str = cfg_field("", "'auto' continues the run in run_dir from its last checkpoint")
+    overwrite: bool = cfg_field(False, "allow reusing a run folder that holds another run")
+    seed: int = cfg_field(0, "random seed (model init and anything random in training)")
+    debug: bool = cfg_field(False, "adds a _debug suffix to the experiment name")
+
+    # data
+    data_root: str = cfg_field("data/books", "corpus folder holding the file_list_*.npy split lists")
+    dataset: str = cfg_field("books_16384", "tokenised dataset folder inside data_root")
+    vocab_size: int = cfg_field(16384, "vocabulary size; must match the dataset's tokenizer")
+    seq_len: int = cfg_field(512, "tokens per training sequence")
+
+    # optimiser and schedule
+    train_batch_size: int = cfg_field(16, "global sequences per optimiser step (all GPUs, all micro-steps)")
+    gradient_accumulation_steps: int = cfg_field(1, "micro-steps per optimiser step")
+    eval_batch_size: int = cfg_field(16, "global sequences per validation step")
+    test_batch_size: int = cfg_field(16, "windows per batch in the final evaluation (eval.py)")
+    max_eval_steps: int = cfg_field(500, "batches per validation during training (-1 = whole split)")
+    max_train_steps: int = cfg_field(500_000, "total optimiser steps")
+    decay_steps: int = cfg_field(500_000, "steps of the cosine decay from max_lr to min_lr")
+    warmup_steps: int = cfg_field(200, "linear warm-up steps")
+    max_lr: float = cfg_field(6e-4, "peak learning rate")
+    min_lr: float = cfg_field(6e-6, "final learning rate")
+    beta1: float = cfg_field(0.9, "Adam beta1")
+    beta2: float = cfg_field(0.95, "Adam beta2")
+    adam_eps: float = cfg_field(1e-8, "Adam epsilon")
+    weight_decay: float = cfg_field(0.0, "weight decay (the original uses none)")
+    grad_clip_norm: float = cfg_field(0.0, "gradient-norm clipping; 0 = off")
+    tokens_per_second: float = cfg_field(
+        0.0, "reference-GPU throughput of this config; enables the reference-GPU-hours axis"
+    )
+
+    # evaluation protocol
+    last_n: int = cfg_field(128, "final eval: tokens scored at the end of each sliding window")
+    eval_data_split: str = cfg_field("test", "split(s) for eval.py: a split name or 'all'")
+
+    # hardware, precision, compile
+    device: str = cfg_field("auto", "device to train on", choices=["auto", "cpu", "cuda"])
+    precision: str = cfg_field(
+        "auto", "auto = bf16 on capable GPUs, fp32 on CPU", choices=["auto", "fp32", "bf16", "fp16"]
+    )
+    compile: str = cfg_field("none", "torch.compile mode", choices=["none", "default", "max-autotune"])
+
+    # logging cadence
+    eval_every: int = cfg_field(1000, "validate every N steps (0 = never)")
+    log_terminal_every: int = cfg_field(100, "print a terminal line every N steps")
+    log_metrics_every: int = cfg_field(100, "write train metrics every N steps")
+    log_grads_every: int = cfg_field(1000, "write gradient / update norms every N steps (0 = never)")
+    log_ckpt_every: int = cfg_field(5000, "checkpoint every N steps (and always at the end)")
+    logger_type: str = cfg_field("tb", "extra metric sinks", choices=["none", "tb", "wandb", "all"])
+    wandb_project_name: str = cfg_field("languini", "wandb project")
+    progress_bar: bool = cfg_field(True, "show a tqdm progress bar with ETA")

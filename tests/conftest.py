@@ -1,0 +1,45 @@
+"""Shared fixtures: small synthetic corpora in the on-disk layout, so most tests need no real data."""
+
+import os
+
+import numpy as np
+import pytest
+
+from languini.dataset_lib.layout import END_OF_DOC, write_file_list, write_token_file
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(REPO_ROOT, "..", "shared", "data")
+
+
+def make_synthetic_corpus(data_root, dataset="synth_256", vocab_size=256, splits=None, seed=0):
+    """Write a corpus of random books: `splits` maps split name -> list of book lengths.
+
+    Tokens avoid the special ids 0..2 so padding and `<D>` are easy to spot. Returns the dataset folder.
+    """
+    splits = splits or {"train": [300, 120, 500, 260, 410, 90, 330, 200], "test": [150, 260, 90]}
+    rng = np.random.default_rng(seed)
+    dataset_path = os.path.join(data_root, dataset)
+    for split, lengths in splits.items():
+        rows = []
+        for i, n in enumerate(lengths):
+            rel = f"files/{split}_{i:04d}.npy"
+            write_token_file(os.path.join(dataset_path, rel), rng.integers(END_OF_DOC + 1, vocab_size, n), vocab_size)
+            rows.append((rel, n))
+        write_file_list(data_root, split, rows)
+    return dataset_path
+
+
+@pytest.fixture
+def synthetic_corpus(tmp_path):
+    """(data_root, dataset_path) of a small random corpus with vocab 256."""
+    data_root = str(tmp_path / "synth")
+    return data_root, make_synthetic_corpus(data_root)
+
+
+@pytest.fixture(scope="session")
+def gutenberg_archive():
+    """The shared Gutenberg archive, or skip when ../shared is absent."""
+    path = os.path.join(SHARED_DATA, "gutenberg-400.tar.xz")
+    if not os.path.isfile(path):
+        pytest.skip("../shared/data/gutenberg-400.tar.xz not present")
+    return path
