@@ -80,6 +80,31 @@ def write_token_file(path: str, tokens, vocab_size: int):
     atomic_save_npy(path, np.asarray(tokens).astype(token_dtype(vocab_size)))
 
 
+def split_counts_path(dataset_path: str, split: str) -> str:
+    """Per-dataset token counts of a split's books (a corpus may be tokenised with several vocabularies)."""
+    return os.path.join(dataset_path, "split_counts", split_list_name(split))
+
+
+def write_split_counts(dataset_path: str, split: str, counts):
+    atomic_save_npy(split_counts_path(dataset_path, split), np.asarray(counts, dtype=np.int64))
+
+
+def read_books(dataset_path: str, split: str) -> list[tuple[str, int]]:
+    """Rows (token file relative to dataset_path, token count in *this* dataset) of a split.
+
+    Counts come from <dataset>/split_counts/ when present (written by `languini data prepare`), else from
+    the file list itself (original Languini Books data, whose list counts are books_16384's).
+    """
+    rows = read_file_list(data_root_of(dataset_path), split)
+    counts_path = split_counts_path(dataset_path, split)
+    if os.path.isfile(counts_path):
+        counts = np.load(counts_path)
+        if len(counts) != len(rows):
+            raise UserError(f"{counts_path} has {len(counts)} entries but the {split} list has {len(rows)}")
+        rows = [(p, int(n)) for (p, _), n in zip(rows, counts)]
+    return rows
+
+
 def read_meta(dataset_path: str) -> dict:
     """meta.json of a dataset folder, or {} when absent (e.g. original data linked in)."""
     path = os.path.join(dataset_path, "meta.json")
