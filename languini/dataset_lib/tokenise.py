@@ -1,0 +1,108 @@
+"""Tokenise books into one token file each: parallel processes, a progress bar, resumable and atomic.
+
+A token file is written atomically (temp file + rename), so a file that exists is complete: a re-run
+skips it and only re-reads the book's text for the split statistics.
+"""
+
+import dataclasses
+import functools
+import multiprocessing
+import os
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from languini.dataset_lib.layout import write_token_file
+from languini.dataset_lib.sources import BadBook, BookRef, load_text
+from languini.dataset_lib.tokenizer import load_processor
+
+CHUNK_CHARS = 1 << 16
+_WORKER: dict = {}  # per process: the SentencePiece processor and whether books may be cut at newlines
+
+
+@dataclasses.dataclass
+class BookResult:
+    book_id: str
+    tokens: int = 0
+    text_bytes: int = 0
+    chars: int = 0
+    skipped: str | None = None  # why the book was left out
+
+
+def newline_chunks(text: str, size: int = CHUNK_CHARS) -> list[str]:
+    """Cut text after a newline roughly every `size` characters."""
+    chunks, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + size)
+        end = len(text) if end < 0 else end + 1
+        chunks.append(text[start:end])
+        start = end
+    return chunks
+
+
+def encode_text(sp, text: str, cut_at_newlines: bool) -> np.ndarray:
+    """Token ids of a whole book.
+
+    When no vocabulary piece contains a newline (true for models trained line by line, like ours and the
+    original's), no token spans a line break, so encoding newline-cut chunks as one batch gives the same ids
+    as encoding the book in one piece, only faster.
+    """
+    if not cut_at_newlines or len(text) <= CHUNK_CHARS:
+        return np.asarray(sp.encode(text), dtype=np.int64)
+    parts = sp.encode(newline_chunks(text))
+    return np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])
+
+
+def _init_worker(model_path: str):
+    sp = load_processor(model_path)
+    _WORKER["sp"] = sp
+    _WORKER["cut"] = not any("\n" in sp.id_to_piece(i) for i in range(sp.get_piece_size()))
+
+
+def token_count(path: str) -> int:
+    return int(np.load(path, mmap_mode="r").shape[0])
+
+
+def process_book(ref: BookRef, dataset_path: str, vocab_size: int) -> BookResult:
+    """Tokenise one book unless its token file already exists; return its statistics."""
+    try:
+        text = load_text(ref)
+    except BadBook as e:
+        return BookResult(ref.book_id, skipped=str(e))
+    if not text:
+        return BookResult(ref.book_id, skipped=f"{ref.origin} is empty after cleaning")
+    out = os.path.join(dataset_path, ref.token_file)
+    if os.path.isfile(out):
+        tokens = token_count(out)
+    else:
+        ids = encode_text(_WORKER["sp"], text, _WORKER["cut"])
+        write_token_file(out, ids, vocab_size)
+        tokens = len(ids)
+    return BookResult(ref.book_id, tokens, len(text.encode("utf-8")), len(text))
+
+
+def tokenise_books(refs: list[BookRef], dataset_path: str, model_path: str, vocab_size: int, workers: int,
+                   progress: bool = True):
+    """Yield a BookResult per book (in completion order) while tokenising with `workers` processes."""
+    task = functools.partial(process_book, dataset_path=dataset_path, vocab_size=vocab_size)
+    bar = tqdm(total=len(refs), unit="book", desc="tokenising", disable=not progress, dynamic_ncols=True)
+    start, done_bytes = time.perf_counter(), 0
+    with bar:
+        if workers <= 1:
+            _init_worker(model_path)
+            results = map(task, refs)
+            pool = None
+        else:
+            pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (model_path,))
+            results = pool.imap_unordered(task, refs)
+        try:
+            for result in results:
+                done_bytes += result.text_bytes
+                bar.set_postfix_str(f"{done_bytes / 1e6 / (time.perf_counter() - start):.1f} MB/s", refresh=False)
+                bar.update()
+                yield result
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
