@@ -1,0 +1,176 @@
+"""The final evaluation of a trained run, shared by every project's `eval.py`.
+
+    eval.py --run_dir DIR [--checkpoint PATH] [--eval_data_split S|all] [--last_n N] [--config_flag value ...]
+    eval.py --checkpoint PATH --config PATH [...]
+
+Loads `DIR/config.json` and `DIR/checkpoints/latest.pt`, scores each split with the project's protocol
+(`final_eval.PROTOCOLS`), prints a table and writes `DIR/eval/<split>.json` (with --config only: next to
+the config file). Any config flag overrides the run's config (e.g. --test_batch_size, --device,
+--precision, --data_root). Under torchrun the work is split across the processes and the sums added.
+"""
+
+import os
+import time
+
+import torch
+
+from languini.common_lib.atomic_io import atomic_write_json
+from languini.common_lib.config import apply_overrides, load_config_json, parse_flags
+from languini.common_lib.device import autocast_context, resolve_device, resolve_precision
+from languini.common_lib.errors import UserError
+from languini.dataset_lib import layout
+from languini.dataset_lib.languini_books import read_split_tokens
+from languini.train_lib.char_counts import load_token_lengths
+from languini.train_lib.checkpoint import clean_state_dict, load_checkpoint
+from languini.train_lib.distributed import init_distributed, shutdown_distributed, world_from_env
+from languini.train_lib.evaluation import all_reduce_sums, metrics_from_sums
+from languini.train_lib.final_eval import PROTOCOLS
+from languini.train_lib.run_folder import CHECKPOINT_NAME
+
+EVAL_FLAGS = ("run_dir", "checkpoint", "config")
+USAGE = """usage: eval.py --run_dir DIR [--checkpoint PATH] [--eval_data_split S|all] [--last_n N] [--flags]
+       eval.py --checkpoint PATH --config PATH [...]
+
+  --run_dir DIR          run folder: reads DIR/config.json and DIR/checkpoints/latest.pt, writes DIR/eval/
+  --checkpoint PATH      checkpoint to evaluate instead of DIR/checkpoints/latest.pt
+  --config PATH          config.json to use (results go to its folder's eval/ when no --run_dir)
+  --eval_data_split S    a split name, or 'all' for every test split present (default: the config's, 'test')
+  --last_n N             GPT sliding window: tokens scored at the end of each window (default 128)
+  --test_batch_size N    windows per forward pass
+  any other config flag (e.g. --device cpu, --precision fp32, --data_root PATH) overrides the run's config"""
+
+TABLE_COLUMNS = [
+    ("split", "{}"), ("n_tokens", "{:,}"), ("n_chars", "{:,}"), ("loss", "{:.4f}"), ("ppl", "{:.2f}"),
+    ("normalised_loss", "{:.4f}"), ("normalised_ppl", "{:.4f}"), ("bits_per_byte", "{:.4f}"),
+    ("top1", "{:.4f}"), ("top10", "{:.4f}"),
+]  # fmt: skip
+
+
+def _pop_eval_flags(argv: list[str]) -> tuple[dict, list[str]]:
+    """Split `--run_dir/--checkpoint/--config` (eval's own flags) from the config flags."""
+    own, rest, i = {}, [], 0
+    while i < len(argv):
+        key, eq, value = argv[i].partition("=")
+        name = key[2:].replace("-", "_") if key.startswith("--") else ""
+        if name in EVAL_FLAGS:
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise UserError(f"--{name} needs a path")
+                value, i = argv[i + 1], i + 1
+            own[name] = value
+        else:
+            rest.append(argv[i])
+        i += 1
+    return own, rest
+
+
+def _locate(own: dict) -> tuple[str, str, str]:
+    """(config path, checkpoint path, output folder) from the eval flags, with clear errors."""
+    run_dir = own.get("run_dir")
+    if run_dir:
+        if not os.path.isdir(run_dir):
+            raise UserError(f"no run folder at {run_dir}")
+        config = own.get("config") or os.path.join(run_dir, "config.json")
+        checkpoint = own.get("checkpoint") or os.path.join(run_dir, "checkpoints", CHECKPOINT_NAME)
+        out_dir = run_dir
+    elif own.get("config") and own.get("checkpoint"):
+        config, checkpoint = own["config"], own["checkpoint"]
+        out_dir = os.path.dirname(os.path.abspath(config))
+    else:
+        raise UserError("pass --run_dir DIR, or --checkpoint PATH and --config PATH (see --help)")
+    if not os.path.isfile(config):
+        raise UserError(f"no config at {config}")
+    if not os.path.isfile(checkpoint):
+        raise UserError(f"no checkpoint at {checkpoint}; train the run first or pass --checkpoint PATH")
+    return config, checkpoint, out_dir
+
+
+def _splits(data_root: str, requested: str) -> list[str]:
+    """The splits to score; unknown names raise the layout's error (which lists the present splits)."""
+    if requested == "all":
+        splits = layout.test_splits(data_root)
+        if not splits:
+            raise UserError(f"no test splits under {data_root}")
+        return splits
+    layout.read_file_list(data_root, requested)
+    return [requested]
+
+
+def _load_model(Model, cfg, checkpoint: str, device) -> tuple[torch.nn.Module, int | None]:
+    ckpt = load_checkpoint(checkpoint)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise UserError(f"{checkpoint} is not a languini checkpoint (no 'model' entry)")
+    model = Model(cfg)
+    try:
+        model.load_state_dict(clean_state_dict(ckpt["model"]))
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"{checkpoint} does not fit the config (a model flag overridden?): {first}") from None
+    return model.to(device).eval(), ckpt.get("step")
+
+
+def _format_table(rows: list[dict]) -> str:
+    def cell(fmt, value):
+        return "-" if value is None else fmt.format(value)
+
+    cells = [[name for name, _ in TABLE_COLUMNS]] + [[cell(f, r[n]) for n, f in TABLE_COLUMNS] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(TABLE_COLUMNS))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
+
+
+def _score_split(model, cfg, protocol, dataset_path, split, lengths, precision, device, world) -> dict:
+    """The metrics of one split: `protocol` on every process, the sums added across processes."""
+    tokens = read_split_tokens(dataset_path, split)
+    sums = PROTOCOLS[protocol](
+        model, tokens, cfg.seq_len, cfg.last_n, cfg.test_batch_size, autocast_context(precision, device),
+        lengths=lengths, rank=world.rank, world_size=world.size, progress=world.is_main,
+    )  # fmt: skip
+    return metrics_from_sums(all_reduce_sums(sums, world), with_chars=lengths is not None)
+
+
+def run_eval(configs_module, Model, argv, protocol: str) -> int:
+    """The body of a project's `eval.py`: evaluate a run with `protocol` ("sliding_window"/"stateful")."""
+    argv = list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    own, rest = _pop_eval_flags(argv)
+    config_path, checkpoint, out_dir = _locate(own)
+    cfg = load_config_json(configs_module.Config, config_path)
+    cfg = apply_overrides(cfg, parse_flags(configs_module.Config, rest))
+    dataset_path = layout.check_dataset(cfg.data_root, cfg.dataset, cfg.vocab_size)
+    splits = _splits(cfg.data_root, cfg.eval_data_split)
+    world = world_from_env()
+    device = resolve_device(cfg.device, world.local_rank)
+    precision = resolve_precision(cfg.precision, device)
+    init_distributed(world, device)
+    try:
+        model, step = _load_model(Model, cfg, checkpoint, device)
+        lengths = load_token_lengths(dataset_path, cfg.vocab_size)
+        if world.is_main:
+            print(f"evaluating {checkpoint} (step {step}) on {device}, {precision}, {world.size} process(es)")
+            window = f", last_n {cfg.last_n}, {cfg.test_batch_size} windows per batch"
+            print(f"protocol {protocol}: seq_len {cfg.seq_len}{window if protocol != 'stateful' else ''}")
+            if lengths is None:
+                print(f"no tokenizer.model in {dataset_path}: character and byte metrics are not computed")
+        lengths = None if lengths is None else lengths.to(device)
+        rows = []
+        for split in splits:
+            started = time.time()
+            metrics = _score_split(
+                model, cfg, protocol, dataset_path, split, lengths, precision, device, world
+            )
+            result = {
+                "split": split, **metrics, "last_n": cfg.last_n if protocol != "stateful" else None,
+                "protocol": protocol, "checkpoint_step": step, "seq_len": cfg.seq_len, "checkpoint": checkpoint,
+                "seconds": round(time.time() - started, 3),
+            }  # fmt: skip
+            if world.is_main:
+                atomic_write_json(os.path.join(out_dir, "eval", f"{split}.json"), result)
+            rows.append(result)
+    finally:
+        shutdown_distributed()
+    if world.is_main:
+        print(_format_table(rows))
+        print(f"results written to {os.path.join(out_dir, 'eval')}/")
+    return 0
