@@ -26,10 +26,17 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, **kwargs)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR whose factor times max_lr equals `lr_at_step` (so its state checkpoints with the run)."""
+class RecipeLR(torch.optim.lr_scheduler.LRScheduler):
+    """Sets every group's lr to `lr_at_step(step)` exactly (a LambdaLR factor would round max_lr * f)."""
 
-    def factor(step):
-        return lr_at_step(step, cfg.max_lr, cfg.min_lr, cfg.decay_steps, cfg.warmup_steps) / cfg.max_lr
+    def __init__(self, optimizer, cfg, last_epoch=-1):
+        self.recipe = (cfg.max_lr, cfg.min_lr, cfg.decay_steps, cfg.warmup_steps)
+        super().__init__(optimizer, last_epoch)
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def get_lr(self):
+        return [lr_at_step(self.last_epoch, *self.recipe) for _ in self.optimizer.param_groups]
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg) -> RecipeLR:
+    """The recipe's schedule as an LRScheduler, so its state checkpoints with the run."""
+    return RecipeLR(optimizer, cfg)

@@ -1,0 +1,342 @@
+"""The training loop shared by every project (DESIGN §4, §5, §8).
+
+One optimiser step reads one global batch: this rank's streams split into M micro-batches. Each micro-step's
+mean loss is divided by M and gradients are synchronised (DDP mean over W ranks) only on the last
+micro-step, so W ranks x M micro-steps make the same update as 1 rank x W*M micro-steps. Stateful models
+keep one state per micro-batch, carried from step to step and detached every step.
+
+The hot path never waits for the device: losses are summed on the device and read only when a report
+(metrics line, terminal line, checkpoint) is due; batches are copied from pinned memory without blocking,
+so the host prepares the next batch while the device still works on the previous step.
+"""
+
+import contextlib
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from languini.common_lib.config import config_to_dict
+from languini.common_lib.device import autocast_context
+from languini.common_lib.errors import UserError
+from languini.dataset_lib.languini_books import LanguiniDatasetIterator, stream_indices
+from languini.train_lib import checkpoint as ckpt
+from languini.train_lib.char_counts import load_token_lengths
+from languini.train_lib.distributed import all_gather_objects, all_reduce_mean, all_reduce_sum, barrier
+from languini.train_lib.evaluation import evaluate_on_loader
+from languini.train_lib.loss import lm_loss
+from languini.train_lib.optim import build_optimizer, build_scheduler
+from languini.train_lib.run_folder import checkpoint_path
+from languini.train_lib.state import detach_state, state_to
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN or infinite; the run stops without checkpointing the bad state."""
+
+
+def check_batch_layout(cfg, world_size: int):
+    """The global batch must split evenly over W processes x M micro-steps (and eval over W processes)."""
+    m = cfg.gradient_accumulation_steps
+    if m < 1:
+        raise UserError(f"--gradient_accumulation_steps must be at least 1, got {m}")
+    if cfg.train_batch_size % (world_size * m):
+        raise UserError(
+            f"--train_batch_size {cfg.train_batch_size} must be divisible by processes x accumulation steps "
+            f"= {world_size} x {m} = {world_size * m}"
+        )
+    if cfg.eval_every > 0 and cfg.eval_batch_size % world_size:
+        raise UserError(
+            f"--eval_batch_size {cfg.eval_batch_size} must be divisible by {world_size} processes"
+        )
+
+
+def make_loader(
+    cfg, dataset_path, world, split: str, batch_size: int, micro_batches: int, repeat: bool, device="cpu"
+):
+    """This rank's stream loader. Training batches stay on the host: the trainer pins and copies them."""
+    return LanguiniDatasetIterator(
+        dataset_path,
+        split,
+        global_batch_size=batch_size,
+        batch_idxs=stream_indices(world.rank, world.size, batch_size),
+        micro_batches=micro_batches,
+        sequence_length=cfg.seq_len,
+        device=device,
+        repeat=repeat,
+    )
+
+
+class Trainer:
+    """Owns the model wrappers, optimiser, schedule, scaler, loader and states of one process."""
+
+    def __init__(
+        self, cfg, model, world, device, precision: str, dataset_path: str, run_dir: str, train_loader=None
+    ):
+        """`train_loader` replaces the stream loader of the dataset (benchmarks feed random tokens)."""
+        self.cfg, self.world, self.device, self.precision = cfg, world, device, precision
+        self.dataset_path, self.run_dir = dataset_path, run_dir
+        self.raw_model = model  # checkpoints come from here: no DDP / compile prefixes
+        self.optimizer = build_optimizer(model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.autocast = lambda: autocast_context(precision, device)
+
+        self.eval_model, self.loss_fn = model, lm_loss
+        if cfg.compile != "none":
+            mode = None if cfg.compile == "default" else cfg.compile
+            self.eval_model = torch.compile(model, mode=mode)
+            self.loss_fn = torch.compile(lm_loss, mode=mode)  # fuses the fp32 upcast into the softmax
+        self.train_model = self.eval_model
+        if world.is_distributed:
+            device_ids = [device.index] if device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(
+                self.eval_model, device_ids=device_ids, gradient_as_bucket_view=True
+            )
+
+        self.token_lengths = load_token_lengths(dataset_path, cfg.vocab_size)  # None: no normalised metrics
+        self.micro_batches = cfg.gradient_accumulation_steps
+        self.loader = train_loader or make_loader(
+            cfg, dataset_path, world, "train", cfg.train_batch_size, self.micro_batches, repeat=True
+        )
+        local_rows = cfg.train_batch_size // world.size // self.micro_batches
+        self.states = [model.get_init_state(local_rows, device) for _ in range(self.micro_batches)]
+        self.step = 0  # completed optimiser steps
+        self.elapsed_before = 0.0  # training seconds of earlier sessions of this run (resume)
+
+    # ---- checkpoints -------------------------------------------------------------------------------------
+
+    def save(self, path: str):
+        """Gather every rank's loader / state / RNG and write one checkpoint from rank 0."""
+        per_rank = all_gather_objects(
+            {
+                "loader": self.loader.state_dict(),
+                "states": state_to(self.states, "cpu"),
+                "rng": ckpt.rng_state(),
+            },
+            self.world,
+        )
+        if self.world.is_main:
+            ckpt.save_checkpoint(
+                path,
+                {
+                    "model": self.raw_model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict() if self.scaler else None,
+                    "step": self.step,
+                    "elapsed": self.elapsed(),
+                    "config": config_to_dict(self.cfg),
+                    "world_size": self.world.size,
+                    "loader": [r["loader"] for r in per_rank],
+                    "states": [r["states"] for r in per_rank],
+                    "rng": [r["rng"] for r in per_rank],
+                },
+            )
+        barrier(self.world)
+
+    def restore(self, path: str):
+        checkpoint = ckpt.load_checkpoint(path)
+        saved_world = checkpoint["world_size"]
+        if saved_world != self.world.size:
+            raise UserError(f"{path} was written by {saved_world} processes; resume it with the same number")
+        if len(checkpoint["states"][0]) != self.micro_batches:
+            raise UserError(
+                f"{path} was written with a different --gradient_accumulation_steps; keep it the same"
+            )
+        self.raw_model.load_state_dict(ckpt.clean_state_dict(checkpoint["model"]))
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if self.scaler is not None and checkpoint["scaler"] is not None:
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.step = checkpoint["step"]
+        self.elapsed_before = checkpoint["elapsed"]
+        rank = self.world.rank
+        self.loader.load_state_dict(checkpoint["loader"][rank])
+        self.states = state_to(checkpoint["states"][rank], self.device)
+        ckpt.set_rng_state(checkpoint["rng"][rank])
+
+    # ---- one step ----------------------------------------------------------------------------------------
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
+
+    def train_step(self, want_norms: bool) -> tuple[torch.Tensor, dict]:
+        """One optimiser step; returns this rank's mean loss (on the device) and norms when asked."""
+        x, y, _ = next(self.loader)  # training streams wrap around: never padded
+        x, y = self.to_device(x), self.to_device(y)
+        loss_sum = torch.zeros((), device=self.device)
+        for m in range(self.micro_batches):
+            is_last = m == self.micro_batches - 1
+            no_sync = self.world.is_distributed and not is_last
+            with self.train_model.no_sync() if no_sync else contextlib.nullcontext():
+                with self.autocast():
+                    logits, state = self.train_model(x[m], self.states[m])
+                    loss = self.loss_fn(logits, y[m])
+                scaled = loss / self.micro_batches
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            self.states[m] = detach_state(state)
+            loss_sum += loss.detach()
+        norms = self.optimizer_step(want_norms)
+        self.step += 1
+        return loss_sum / self.micro_batches, norms
+
+    def optimizer_step(self, want_norms: bool) -> dict:
+        cfg, params = self.cfg, [p for p in self.raw_model.parameters() if p.grad is not None]
+        norms = {}
+        if self.scaler is not None and (cfg.grad_clip_norm > 0 or want_norms):
+            self.scaler.unscale_(self.optimizer)  # clip and report true gradients
+        if cfg.grad_clip_norm > 0:
+            norms["grad/norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
+        elif want_norms:
+            norms["grad/norm"] = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if want_norms:
+            norms["grad/param_norm"] = torch.nn.utils.get_total_norm(list(self.raw_model.parameters()))
+        return norms if want_norms else {}
+
+    # ---- validation --------------------------------------------------------------------------------------
+
+    def validate(self) -> dict:
+        """Metrics on the iid test split from zero states (at most max_eval_steps batches), all ranks summed."""
+        cfg = self.cfg
+        loader = make_loader(
+            cfg,
+            self.dataset_path,
+            self.world,
+            "test",
+            cfg.eval_batch_size,
+            1,
+            repeat=False,
+            device=self.device,
+        )
+        metrics = evaluate_on_loader(
+            self.eval_model, loader, self.autocast, cfg.max_eval_steps, self.token_lengths, self.world
+        )
+        return {f"eval/{k}": v for k, v in metrics.items() if v is not None}
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.session_start
+
+    def run(self, logger):
+        """Train from `self.step` to max_train_steps; `logger` (a MetricsLogger) receives the records."""
+        cfg, world = self.cfg, self.world
+        self.session_start = time.perf_counter()
+        bar = tqdm(
+            total=cfg.max_train_steps,
+            initial=self.step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (world.is_main and cfg.progress_bar),
+        )
+        window = Window(self.step, self.device, world)
+        say = bar.write if not bar.disable else print
+        try:
+            while self.step < cfg.max_train_steps:
+                lr = self.scheduler.get_last_lr()[0]  # the lr this step uses: lr_at_step(self.step)
+                want_norms = _due(self.step + 1, cfg.log_grads_every)
+                loss, norms = self.train_step(want_norms)
+                window.add(loss)
+                bar.update(1)
+                done = self.step == cfg.max_train_steps
+                record = {}
+                if done or _due(self.step, cfg.log_metrics_every) or _due(self.step, cfg.log_terminal_every):
+                    record = self.report(window, lr)
+                    if world.is_main and (done or _due(self.step, cfg.log_terminal_every)):
+                        say(_terminal_line(self.step, cfg.max_train_steps, record))
+                        bar.set_postfix(loss=f"{record['train/loss']:.4f}", refresh=False)
+                record.update({k: v.item() for k, v in norms.items()})
+                pause_start = time.perf_counter()  # checkpoint and eval time stay out of tokens/s
+                if done or _due(self.step, cfg.log_ckpt_every):
+                    window.check_finite(self.step)  # never checkpoint a diverged model
+                    self.save(checkpoint_path(self.run_dir))
+                if cfg.eval_every > 0 and (done or _due(self.step, cfg.eval_every)):
+                    window.check_finite(self.step)
+                    eval_metrics = self.validate()
+                    record.update(eval_metrics)
+                    if world.is_main:
+                        say(
+                            f"step {self.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
+                        )
+                window.exclude(time.perf_counter() - pause_start)
+                if record:
+                    logger.log(self.step, self.elapsed(), record)
+        finally:
+            bar.close()
+
+    def report(self, window: "Window", lr: float) -> dict:
+        """Mean train loss over the window (all ranks) and throughput; raises TrainingDiverged on NaN/inf."""
+        window.check_finite(self.step)
+        mean_loss = all_reduce_mean(window.loss_sum / window.steps, self.world).item()
+        seconds = window.seconds()
+        tokens = window.steps * self.cfg.train_batch_size * self.cfg.seq_len
+        record = {
+            "train/loss": mean_loss,
+            "train/lr": lr,
+            "time/tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
+            "time/seconds_per_step": seconds / window.steps,
+        }
+        window.reset(self.step)
+        return record
+
+
+class Window:
+    """Losses summed on the device since the last report, and the wall time they took."""
+
+    def __init__(self, step: int, device, world):
+        self.device, self.world = device, world
+        self.reset(step)
+
+    def reset(self, step: int):
+        self.first_step = step + 1
+        self.steps = 0
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.start = time.perf_counter()
+        self.excluded = 0.0
+
+    def exclude(self, seconds: float):
+        """Leave `seconds` (checkpointing, validation) out of the window's training time."""
+        self.excluded += seconds
+
+    def add(self, loss: torch.Tensor):
+        self.steps += 1
+        self.loss_sum += loss
+        self.nonfinite |= ~torch.isfinite(loss)
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start - self.excluded
+
+    def check_finite(self, step: int):
+        """Raise TrainingDiverged on every rank if any rank saw a NaN/inf loss since the last report."""
+        if all_reduce_sum(self.nonfinite.float(), self.world).item() > 0:
+            where = (
+                f"at step {step}"
+                if self.first_step >= step
+                else f"between steps {self.first_step} and {step}"
+            )
+            raise TrainingDiverged(
+                f"the training loss became NaN or infinite {where}; stopping without saving this state. "
+                "Lower --max_lr, set --grad_clip_norm, or use --precision fp32/bf16"
+            )
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def _terminal_line(step: int, total: int, record: dict) -> str:
+    return (
+        f"step {step}/{total}  loss {record['train/loss']:.4f}  lr {record['train/lr']:.2e}  "
+        f"{record['time/tokens_per_second']:,.0f} tok/s"
+    )

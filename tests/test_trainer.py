@@ -1,0 +1,302 @@
+"""The trainer end to end on CPU with a tiny GPT: run folder, logging, resume, DDP == accumulation, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from languini.common_lib.config import load_config_json
+from languini.dataset_lib.layout import write_file_list, write_token_file
+from languini.projects.gpt import configs as gpt_configs
+from languini.projects.gpt import main as gpt_main
+from languini.projects.gpt.model import Model as GPT
+from languini.train_lib.checkpoint import load_checkpoint
+from languini.train_lib.loggers import read_metrics
+from languini.train_lib.optim import lr_at_step
+from languini.train_lib.run import run_training
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GPT_MAIN = os.path.join(REPO_ROOT, "languini", "projects", "gpt", "main.py")
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One intra-op thread: tiny models run many times faster on a shared box, and runs are comparable."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the subprocesses
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_args(data_root, run_dir, steps=10, *extra):
+    """A 1-layer GPT of width 32 on the vocab-256 synthetic corpus, metrics every step, no extra sinks."""
+    return [
+        "nano", "--data_root", str(data_root), "--dataset", "synth_256", "--vocab_size", "256",
+        "--n_layers", "1", "--h_dim", "32", "--head_dim", "8", "--n_heads", "2", "--mlp_dim", "64",
+        "--seq_len", "16", "--train_batch_size", "4", "--eval_batch_size", "4", "--max_eval_steps", "2",
+        "--max_train_steps", str(steps), "--decay_steps", "100", "--warmup_steps", "5", "--max_lr", "3e-3",
+        "--log_metrics_every", "1", "--log_terminal_every", "1000", "--log_grads_every", "0",
+        "--log_ckpt_every", "1000", "--eval_every", "0", "--logger_type", "none", "--no-progress_bar",
+        "--device", "cpu", "--run_dir", str(run_dir), *extra,
+    ]  # fmt: skip
+
+
+def train_losses(run_dir) -> dict[int, float]:
+    records = [r for r in read_metrics(run_dir) if "train/loss" in r]
+    steps = [r["step"] for r in records]
+    assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
+    return {r["step"]: r["train/loss"] for r in records}
+
+
+def run_main(argv) -> int:
+    try:
+        return gpt_main.main(argv)
+    except SystemExit as e:  # UserError -> exit code 2
+        return e.code
+
+
+def test_run_folder_metrics_and_checkpoint(synthetic_corpus, tmp_path):
+    data_root, _ = synthetic_corpus
+    run_dir = tmp_path / "run"
+    args = tiny_args(
+        data_root, run_dir, 6, "--eval_every", "3", "--log_grads_every", "2", "--tokens_per_second", "1e4"
+    )
+    assert run_main(args) == 0
+
+    for name in (
+        "config.json",
+        "env.json",
+        "command.txt",
+        "source.zip",
+        "metrics.jsonl",
+        "checkpoints/latest.pt",
+    ):
+        assert (run_dir / name).is_file(), name
+    assert json.loads((run_dir / "config.json").read_text())["h_dim"] == 32
+    env = json.loads((run_dir / "env.json").read_text())
+    assert {"git_revision", "torch_version", "device_name", "world_size", "hostname", "start_time"} <= set(
+        env
+    )
+    assert "languini/train_lib/trainer.py" in zipfile.ZipFile(run_dir / "source.zip").namelist()
+
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert all(r["tokens"] == r["step"] * 4 * 16 for r in records)
+    assert records[0]["ref_gpu_hours"] == pytest.approx(64 / 1e4 / 3600)
+    assert "grad/norm" in records[1] and "grad/norm" not in records[0]
+    assert "eval/loss" in records[2] and "eval/loss" in records[5] and "eval/loss" not in records[3]
+    assert [r["train/lr"] for r in records[:2]] == pytest.approx(
+        [lr_at_step(s, 3e-3, 6e-6, 100, 5) for s in (0, 1)]
+    )
+
+    checkpoint = load_checkpoint(str(run_dir / "checkpoints" / "latest.pt"))
+    assert checkpoint["step"] == 6
+    saved_cfg = load_config_json(gpt_configs.Config, str(run_dir / "config.json"))
+    assert set(checkpoint["model"]) == set(GPT(saved_cfg).state_dict())  # no module. / _orig_mod. prefixes
+    for key in ("optimizer", "scheduler", "scaler", "loader", "states", "rng", "config"):
+        assert key in checkpoint
+
+
+def test_loss_drops_on_learnable_corpus(tmp_path):
+    """Books that walk one fixed permutation of the vocabulary (a deterministic bigram): GPT must learn it."""
+    data_root = tmp_path / "bigram"
+    rng = np.random.default_rng(0)
+    successor = np.full(256, 3)
+    cycle = rng.permutation(np.arange(3, 256))
+    successor[cycle] = np.roll(cycle, -1)
+    rows = []
+    for i in range(8):
+        tokens = [int(rng.integers(3, 256))]
+        for _ in range(599):
+            tokens.append(successor[tokens[-1]])
+        rel = f"files/book_{i}.npy"
+        write_token_file(str(data_root / "synth_256" / rel), np.array(tokens), 256)
+        rows.append((rel, len(tokens)))
+    for split in ("train", "test"):
+        write_file_list(str(data_root), split, rows)
+    run_dir = tmp_path / "run"
+    assert run_main(tiny_args(data_root, run_dir, 100, "--max_lr", "1e-2")) == 0
+    losses = train_losses(run_dir)
+    first, last = np.mean([losses[s] for s in (1, 2, 3)]), np.mean([losses[s] for s in (98, 99, 100)])
+    assert first > 5.0 and last < 0.5 * first, (first, last)
+
+
+def test_refuses_to_overwrite_another_run(synthetic_corpus, tmp_path, capsys):
+    data_root, _ = synthetic_corpus
+    run_dir = tmp_path / "run"
+    assert run_main(tiny_args(data_root, run_dir, 2)) == 0
+    capsys.readouterr()
+    assert run_main(tiny_args(data_root, run_dir, 2)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already holds a run" in err and "--resume auto" in err
+    assert run_main(tiny_args(data_root, run_dir, 3, "--overwrite")) == 0
+    assert sorted(train_losses(run_dir)) == [1, 2, 3]
+
+
+def test_missing_data_and_bad_batch_layout_give_one_line(tmp_path, synthetic_corpus, capsys):
+    run_dir = tmp_path / "run"
+    assert run_main(tiny_args(tmp_path / "nowhere", run_dir)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "languini data prepare" in err
+    data_root, _ = synthetic_corpus
+    bad = tiny_args(data_root, run_dir, 2, "--train_batch_size", "6", "--gradient_accumulation_steps", "4")
+    assert run_main(bad) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "divisible" in err
+    (tmp_path / "synth" / "synth_256" / "meta.json").write_text(json.dumps({"vocab_size": 256}))
+    assert run_main(tiny_args(data_root, run_dir, 2, "--vocab_size", "300")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "vocab_size 256" in err
+    assert not run_dir.exists()  # nothing was written before the checks
+
+
+class NaNAfterSevenSteps(GPT):
+    """Returns NaN logits from the 7th training forward pass on (an injected divergence)."""
+
+    def forward(self, x, state=None):
+        logits, state = super().forward(x, state)
+        if self.training:
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls >= 7:
+                logits = logits * float("nan")
+        return logits, state
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(synthetic_corpus, tmp_path, capsys):
+    data_root, _ = synthetic_corpus
+    run_dir = tmp_path / "run"
+    code = run_training(
+        gpt_configs, NaNAfterSevenSteps, tiny_args(data_root, run_dir, 20, "--log_ckpt_every", "5")
+    )
+    assert code == 1
+    assert "NaN or infinite at step 7" in capsys.readouterr().err
+    checkpoint = load_checkpoint(str(run_dir / "checkpoints" / "latest.pt"))
+    assert checkpoint["step"] == 5
+    assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
+    assert sorted(train_losses(run_dir)) == [1, 2, 3, 4, 5, 6]
+
+
+PAUSING_TRAINER = """
+import sys, time
+from languini.projects.gpt import configs, model
+from languini.train_lib.run import run_training
+
+class PauseAtStep14(model.Model):
+    calls = 0
+    def forward(self, x, state=None):
+        PauseAtStep14.calls += 1
+        if PauseAtStep14.calls == 14:
+            print("PAUSED", flush=True)
+            time.sleep(600)
+        return super().forward(x, state)
+
+sys.exit(run_training(configs, PauseAtStep14, sys.argv[1:]))
+"""
+
+
+def test_resume_after_sigkill_is_bit_identical(synthetic_corpus, tmp_path):
+    data_root, _ = synthetic_corpus
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run_main(tiny_args(data_root, straight, 20)) == 0
+
+    # 10 steps checkpointed, 13 logged, then killed mid-step 14: not a clean exit
+    args = tiny_args(data_root, killed, 20, "--log_ckpt_every", "10")
+    proc = subprocess.Popen([sys.executable, "-c", PAUSING_TRAINER, *args], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.stdout.readline().strip() != "PAUSED":
+            assert proc.poll() is None, "the training process ended before pausing"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert max(train_losses(killed)) == 13
+    assert load_checkpoint(str(killed / "checkpoints" / "latest.pt"))["step"] == 10
+
+    assert run_main(args + ["--resume", "auto", "--h_dim", "64"]) == 2  # a different model: refused
+    assert run_main(args + ["--resume", "auto"]) == 0
+    resumed, expected = train_losses(killed), train_losses(straight)
+    assert sorted(resumed) == list(range(1, 21))
+    assert resumed == expected  # bit-identical, not approximately equal
+
+
+def test_ddp_two_processes_equal_one_process_with_accumulation(synthetic_corpus, tmp_path):
+    """2 gloo processes x 1 micro-step == 1 process x 2 micro-steps (same global streams, same update)."""
+    data_root, _ = synthetic_corpus
+    ddp_dir, acc_dir = tmp_path / "ddp", tmp_path / "acc"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", GPT_MAIN]
+    grads = ("--log_grads_every", "1")  # Adam hides a gradient scale error from the losses; norms do not
+    result = subprocess.run(cmd + tiny_args(data_root, ddp_dir, 10, *grads), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((ddp_dir / "env.json").read_text())["world_size"] == 2
+    assert run_main(tiny_args(data_root, acc_dir, 10, "--gradient_accumulation_steps", "2", *grads)) == 0
+
+    ddp, acc = train_losses(ddp_dir), train_losses(acc_dir)
+    assert sorted(ddp) == sorted(acc) == list(range(1, 11))
+    np.testing.assert_allclose([ddp[s] for s in ddp], [acc[s] for s in ddp], rtol=0, atol=1e-5)
+    ddp_norms = [r["grad/norm"] for r in read_metrics(ddp_dir)]
+    acc_norms = [r["grad/norm"] for r in read_metrics(acc_dir)]
+    assert len(ddp_norms) == 10
+    np.testing.assert_allclose(ddp_norms, acc_norms, rtol=1e-5)
+    ddp_ckpt = load_checkpoint(str(ddp_dir / "checkpoints" / "latest.pt"))
+    acc_ckpt = load_checkpoint(str(acc_dir / "checkpoints" / "latest.pt"))
+    assert len(ddp_ckpt["loader"]) == 2
+    for name, weight in acc_ckpt["model"].items():
+        torch.testing.assert_close(ddp_ckpt["model"][name], weight, rtol=0, atol=1e-5)
+
+
+def test_tensorboard_events_written(synthetic_corpus, tmp_path):
+    data_root, _ = synthetic_corpus
+    run_dir = tmp_path / "run"
+    assert run_main(tiny_args(data_root, run_dir, 2, "--logger_type", "tb")) == 0
+    events = [f for _, _, files in os.walk(run_dir / "tensorboard") for f in files if "tfevents" in f]
+    assert events
+
+
+def test_wandb_offline(synthetic_corpus, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    data_root, _ = synthetic_corpus
+    run_dir = tmp_path / "run"
+    assert run_main(tiny_args(data_root, run_dir, 2, "--logger_type", "wandb")) == 0
+    runs = [d for _, dirs, _ in os.walk(run_dir / "wandb") for d in dirs if d.startswith("offline-run")]
+    assert runs and (run_dir / "wandb_id.txt").read_text().strip() in runs[0]
+
+
+@pytest.mark.slow
+def test_compiled_training_checkpoint_has_clean_names(synthetic_corpus, tmp_path):
+    data_root, _ = synthetic_corpus
+    run_dir = tmp_path / "run"
+    assert run_main(tiny_args(data_root, run_dir, 3, "--compile", "default")) == 0
+    names = load_checkpoint(str(run_dir / "checkpoints" / "latest.pt"))["model"]
+    assert not any("_orig_mod" in n or n.startswith("module.") for n in names)
+
+
+def test_languini_train_runs_the_project_in_process(synthetic_corpus, tmp_path, capsys):
+    from languini.train_lib import launch
+
+    data_root, _ = synthetic_corpus
+    run_dir = tmp_path / "run"
+    assert launch.main(["gpt", *tiny_args(data_root, run_dir, 2)]) == 0
+    assert sorted(train_losses(run_dir)) == [1, 2]
+    with pytest.raises(SystemExit) as exit_info:
+        launch.main(["gpt", "nano", "--nproc_per_node", "2"])
+    assert exit_info.value.code == 2 and "torchrun" in capsys.readouterr().err
+
+
+def test_bf16_autocast_and_accumulation_run_on_cpu(synthetic_corpus, tmp_path):
+    data_root, _ = synthetic_corpus
+    run_dir = tmp_path / "run"
+    args = tiny_args(data_root, run_dir, 3, "--precision", "bf16", "--gradient_accumulation_steps", "4")
+    assert run_main(args) == 0
+    losses = train_losses(run_dir)
+    assert sorted(losses) == [1, 2, 3] and all(np.isfinite(list(losses.values())))
