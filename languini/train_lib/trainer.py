@@ -266,7 +266,7 @@ class Trainer:
                     record.update(eval_metrics)
                     if world.is_main:
                         say(
-                            f"step {self.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
+                            f"step {self.step}: " + "  ".join(f"{k} {_fmt(v)}" for k, v in eval_metrics.items())
                         )
                 window.exclude(time.perf_counter() - pause_start)
                 if record:
@@ -340,3 +340,8 @@ def _terminal_line(step: int, total: int, record: dict) -> str:
         f"step {step}/{total}  loss {record['train/loss']:.4f}  lr {record['train/lr']:.2e}  "
         f"{record['time/tokens_per_second']:,.0f} tok/s"
     )
+
+
+def _fmt(value) -> str:
+    """Counts as integers with thousands separators, rates with four decimals."""
+    return f"{value:,}" if isinstance(value, int) else f"{value:.4f}"
