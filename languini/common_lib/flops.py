@@ -1,0 +1,116 @@
+"""FLOP counting with `torch.utils.flop_counter.FlopCounterMode` (no DeepSpeed), and the analytic GPT count.
+
+Convention: one multiply-add is 2 FLOPs; only matrix products are counted (linear layers, attention's
+QK^T and AV, convolutions), as FlopCounterMode does. Attention is counted over the full T x T score matrix
+(the causal mask is not subtracted). Embedding lookups, LayerNorm, activations, softmax, the loss and the
+optimiser are not counted; they are a few per cent of a transformer's FLOPs at most.
+
+Counting runs on the `meta` device where the model allows it, so even large presets allocate nothing.
+"""
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from languini.common_lib.projects import import_project_module
+from languini.train_lib.loss import lm_loss
+
+
+@dataclass
+class FlopCount:
+    """FLOPs of one step on `batch_size` sequences of `seq_len` tokens."""
+
+    batch_size: int
+    seq_len: int
+    forward: int
+    forward_backward: int
+    by_module: dict = field(default_factory=dict)  # module pattern -> (forward, forward+backward)
+    counted_on: str = "meta"
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def forward_per_token(self) -> float:
+        return self.forward / self.tokens
+
+    @property
+    def forward_backward_per_token(self) -> float:
+        return self.forward_backward / self.tokens
+
+
+def build_model(project: str, cfg, device) -> torch.nn.Module:
+    """The project's `Model(cfg)`, created directly on `device` (the meta device allocates nothing)."""
+    model_cls = import_project_module(project, "model").Model
+    with torch.device(device):
+        return model_cls(cfg)
+
+
+def param_counts(model: torch.nn.Module, vocab_size: int) -> tuple[int, int]:
+    """(total, non-embedding) parameter counts; non-embedding excludes the token-embedding table only,
+    as the original reports it (position embeddings and the output layer count as non-embedding)."""
+    total = sum(p.numel() for p in model.parameters())
+    token_tables = sum(
+        m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings == vocab_size
+    )
+    return total, total - token_tables
+
+
+def _module_totals(counter: FlopCounterMode) -> dict[str, int]:
+    """FLOPs per module, with layer indices folded (`layers.3.mlp` -> `layers.*.mlp`); root = `(model)`."""
+    totals: dict[str, int] = {}
+    for name, ops in counter.get_flop_counts().items():
+        if name == "Global":
+            continue
+        key = re.sub(r"\.\d+(?=\.|$)", ".*", name.partition(".")[2]) or "(model)"
+        totals[key] = totals.get(key, 0) + sum(ops.values())
+    return totals
+
+
+def _count(model, x, y, state, backward: bool) -> tuple[int, dict[str, int]]:
+    with FlopCounterMode(display=False, depth=None) as counter:
+        logits, _ = model(x, state)
+        loss = lm_loss(logits, y)
+        if backward:
+            loss.backward()
+    return counter.get_total_flops(), _module_totals(counter)
+
+
+def count_step_flops(project: str, cfg, batch_size: int = 1) -> FlopCount:
+    """Count forward and forward+backward FLOPs of one training step of the config (meta device first,
+    falling back to real CPU tensors for models with operations the meta device cannot run)."""
+    for device in ("meta", "cpu"):
+        try:
+            model = build_model(project, cfg, device)
+            tokens = torch.randint(0, cfg.vocab_size, (batch_size, cfg.seq_len + 1), device=device)
+            x, y = tokens[:, :-1], tokens[:, 1:]
+            fwd, fwd_modules = _count(model, x, y, model.get_init_state(batch_size, device), backward=False)
+            both, both_modules = _count(model, x, y, model.get_init_state(batch_size, device), backward=True)
+        except (NotImplementedError, RuntimeError):
+            if device == "cpu":
+                raise
+            continue
+        by_module = {name: (fwd_modules.get(name, 0), both_modules[name]) for name in both_modules}
+        return FlopCount(batch_size, cfg.seq_len, fwd, both, by_module, counted_on=device)
+    raise AssertionError("unreachable")
+
+
+def analytic_gpt_forward_flops(cfg, batch_size: int = 1) -> int:
+    """Forward FLOPs of the GPT model: 2 x matmul parameters x tokens plus attention's two T x T products.
+
+    matmul parameters: per layer qkv (h x 3·inner), attention output (inner x h), MLP (2 x h x mlp), plus
+    the output layer (h x vocab); inner = n_heads·head_dim. Attention: QK^T and AV, 2·T·T·inner each.
+    """
+    seq, h, inner = cfg.seq_len, cfg.h_dim, cfg.n_heads * cfg.head_dim
+    per_layer = h * 3 * inner + inner * h + 2 * h * cfg.mlp_dim
+    matmul_params = cfg.n_layers * per_layer + h * cfg.vocab_size
+    attention = cfg.n_layers * 2 * (2 * seq * seq * inner)
+    return batch_size * (2 * matmul_params * seq + attention)
+
+
+def analytic_gpt_training_flops(cfg, batch_size: int = 1) -> int:
+    """Forward + backward: the backward pass costs two forward passes (input and weight gradients)."""
+    return 3 * analytic_gpt_forward_flops(cfg, batch_size)

@@ -1,0 +1,62 @@
+"""FLOP counting: the counter agrees with the analytic GPT count and with the original's DeepSpeed figures."""
+
+import json
+
+import pytest
+
+from languini.common_lib.flops import (
+    analytic_gpt_forward_flops,
+    analytic_gpt_training_flops,
+    build_model,
+    count_step_flops,
+    param_counts,
+)
+from languini.common_lib.flops_profile import DEEPSPEED_FORWARD_FLOPS, main
+from languini.projects.gpt.configs import load_config
+
+
+@pytest.mark.parametrize("preset", ["nano", "mini", "tiny", "small", "medium"])
+def test_counter_matches_analytic_gpt_count_within_2_percent(preset):
+    cfg = load_config(preset)
+    count = count_step_flops("gpt", cfg, batch_size=2)
+    assert count.counted_on == "meta"
+    assert count.forward == pytest.approx(analytic_gpt_forward_flops(cfg, 2), rel=0.02)
+    assert count.forward_backward == pytest.approx(analytic_gpt_training_flops(cfg, 2), rel=0.02)
+    assert count.by_module["(model)"] == (count.forward, count.forward_backward)
+    assert count.forward_per_token == count.forward / (2 * cfg.seq_len)
+
+
+@pytest.mark.parametrize("preset", sorted(DEEPSPEED_FORWARD_FLOPS["gpt"]))
+def test_forward_count_is_close_to_the_original_deepspeed_profile(preset):
+    ours = count_step_flops("gpt", load_config(preset)).forward
+    assert ours == pytest.approx(DEEPSPEED_FORWARD_FLOPS["gpt"][preset], rel=0.005)
+
+
+def test_module_breakdown_adds_up():
+    count = count_step_flops("gpt", load_config("mini"))
+    parts = ["layers.*.attn.qkv", "layers.*.attn.out", "layers.*.mlp.fc", "layers.*.mlp.proj", "linear"]
+    matmuls = sum(count.by_module[p][0] for p in parts)
+    attention_products = count.by_module["layers.*.attn"][0] - sum(count.by_module[p][0] for p in parts[:2])
+    assert matmuls + attention_products == count.forward
+    assert attention_products > 0
+
+
+@pytest.mark.parametrize("preset, total, non_embedding", [("tiny", 53_912_064, 41_329_152), ("small", 110_615_040, 98_032_128)])
+def test_param_counts_follow_the_original_convention(preset, total, non_embedding):
+    model = build_model("gpt", load_config(preset), "meta")
+    assert param_counts(model, 16384) == (total, non_embedding)
+
+
+def test_profile_command_writes_json(tmp_path, capsys):
+    path = tmp_path / "flops.json"
+    assert main(["gpt", "small", "--train_batch_size", "1", "--json", str(path)]) == 0
+    r = json.loads(path.read_text())
+    assert abs(r["analytic_relative_difference"]) < 0.02 and r["deepspeed_forward_per_sequence"] == 109.61e9
+    assert r["forward_backward_per_token"] == pytest.approx(3 * r["forward_per_token"], rel=0.02)
+    out = capsys.readouterr().out
+    assert "OK (tolerance 2%)" in out and "DeepSpeed" in out
+
+
+def test_modified_config_is_not_compared_with_deepspeed(capsys):
+    assert main(["gpt", "small", "--h_dim", "512", "--train_batch_size", "1"]) == 0
+    assert "DeepSpeed profiler" not in capsys.readouterr().out
