@@ -1,0 +1,43 @@
+"""Power laws y = a * x**b, fitted by least squares in log space, and where two of them cross.
+
+The paper compares models by their scaling trend: normalised perplexity against reference-GPU hours on
+log-log axes is close to a straight line, so a power law per model summarises it and two laws can be
+extrapolated to the compute at which they would meet.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PowerLaw:
+    a: float
+    b: float
+
+    def __call__(self, x):
+        return self.a * np.power(np.asarray(x, dtype=np.float64), self.b)
+
+    def __str__(self) -> str:
+        return f"{self.a:.4g} * x^{self.b:.4g}"
+
+
+def fit_power_law(x, y) -> PowerLaw:
+    """Least-squares fit of log y = log a + b log x. Needs two or more distinct positive x and positive y."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError("x and y must be 1-D arrays of the same length")
+    if np.any(x <= 0) or np.any(y <= 0):
+        raise ValueError("a power law needs positive x and y")
+    if len(np.unique(x)) < 2:
+        raise ValueError("a power law needs at least two distinct x values")
+    b, log_a = np.polyfit(np.log(x), np.log(y), 1)
+    return PowerLaw(a=float(np.exp(log_a)), b=float(b))
+
+
+def crossing(first: PowerLaw, second: PowerLaw) -> tuple[float, float] | None:
+    """The (x, y) at which the two laws are equal, or None when they are parallel in log space."""
+    if np.isclose(first.b, second.b, rtol=0.0, atol=1e-12):
+        return None
+    x = float(np.exp((np.log(second.a) - np.log(first.a)) / (first.b - second.b)))
+    return x, float(first(x))
