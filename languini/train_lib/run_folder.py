@@ -12,6 +12,7 @@ import io
 import json
 import os
 import platform
+import shlex
 import shutil
 import socket
 import subprocess
@@ -112,7 +113,7 @@ def git_revision() -> str:
     try:
         run = dict(cwd=PACKAGE_DIR, capture_output=True, text=True, timeout=10)
         rev = subprocess.run(["git", "rev-parse", "HEAD"], check=True, **run).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], **run).stdout.strip()
         return rev + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -133,8 +134,13 @@ def environment(device_name: str, world_size: int, argv: list[str]) -> dict:
 
 
 def command_line(argv: list[str]) -> str:
-    launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "python"
-    return " ".join([launcher, sys.argv[0], *argv])
+    """The process's exact command line; the trainer's own arguments too when it was called in-process."""
+    cmd = shlex.join(sys.orig_argv)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        cmd = f"[torchrun worker] {cmd}"
+    if list(argv) != sys.argv[1:]:
+        cmd += f"  # trainer arguments: {shlex.join(argv)}"
+    return cmd
 
 
 def source_zip() -> bytes:
