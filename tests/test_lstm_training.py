@@ -1,0 +1,208 @@
+"""The LSTM project through the real trainer on CPU: states per (rank, micro-batch), exact resume, learning."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from languini.dataset_lib.languini_books import stream_indices
+from languini.dataset_lib.layout import write_file_list, write_token_file
+from languini.projects.lstm import main as lstm_main
+from languini.train_lib.checkpoint import load_checkpoint
+from languini.train_lib.loggers import read_metrics
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LSTM_MAIN = os.path.join(REPO_ROOT, "languini", "projects", "lstm", "main.py")
+DEMO_ROOT = os.path.join(REPO_ROOT, "data", "demo")
+CELLS = {"quasi": [], "classic": ["--non_quasi"]}
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One intra-op thread: tiny models run many times faster on a shared box, and runs are comparable."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the subprocesses
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_args(data_root, run_dir, steps, *extra):
+    """A 1-layer LSTM of width 32 (2 heads of 8, blocks of 4 steps) on the vocab-256 synthetic corpus."""
+    return [
+        "nano", "--data_root", str(data_root), "--dataset", "synth_256", "--vocab_size", "256",
+        "--n_layers", "1", "--h_dim", "32", "--head_dim", "8", "--n_heads", "2", "--mlp_dim", "64",
+        "--block_length", "4", "--seq_len", "10", "--train_batch_size", "4", "--eval_batch_size", "4",
+        "--max_eval_steps", "2", "--max_train_steps", str(steps), "--decay_steps", "100", "--warmup_steps", "5",
+        "--max_lr", "3e-3", "--log_metrics_every", "1", "--log_terminal_every", "1000", "--log_grads_every", "0",
+        "--log_ckpt_every", "1000", "--eval_every", "0", "--logger_type", "none", "--no-progress_bar",
+        "--device", "cpu", "--run_dir", str(run_dir), *extra,
+    ]  # fmt: skip
+
+
+def run_main(argv) -> int:
+    try:
+        return lstm_main.main(argv)
+    except SystemExit as e:  # UserError -> exit code 2
+        return e.code
+
+
+def train_losses(run_dir) -> dict[int, float]:
+    records = [r for r in read_metrics(run_dir) if "train/loss" in r]
+    return {r["step"]: r["train/loss"] for r in records}
+
+
+def states_by_stream(checkpoint, global_batch: int, micro_batches: int) -> dict[int, list]:
+    """Carried state of each global stream: {stream: [(c, h) per layer]} from a checkpoint's states."""
+    world = len(checkpoint["states"])
+    out = {}
+    for rank, rank_states in enumerate(checkpoint["states"]):
+        assert len(rank_states) == micro_batches  # one state per micro-batch, never shared
+        streams = stream_indices(rank, world, global_batch)
+        rows = len(streams) // micro_batches
+        for m, state in enumerate(rank_states):
+            for row, stream in enumerate(streams[m * rows : (m + 1) * rows]):
+                out[stream] = [(c[row], h[row]) for c, h in state]
+    return out
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_two_processes_equal_one_process_with_accumulation(synthetic_corpus, tmp_path, cell):
+    """2 gloo ranks x 1 micro-step == 1 rank x 2 micro-steps: same losses and same carried state per stream."""
+    data_root, _ = synthetic_corpus
+    ddp_dir, acc_dir = tmp_path / "ddp", tmp_path / "acc"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", LSTM_MAIN]
+    args = [*CELLS[cell], "--log_grads_every", "1"]
+    result = subprocess.run(cmd + tiny_args(data_root, ddp_dir, 10, *args), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert run_main(tiny_args(data_root, acc_dir, 10, "--gradient_accumulation_steps", "2", *args)) == 0
+
+    ddp, acc = train_losses(ddp_dir), train_losses(acc_dir)
+    assert sorted(ddp) == sorted(acc) == list(range(1, 11))
+    np.testing.assert_allclose([ddp[s] for s in ddp], [acc[s] for s in ddp], rtol=0, atol=1e-5)
+    ddp_norms = [r["grad/norm"] for r in read_metrics(ddp_dir)]
+    acc_norms = [r["grad/norm"] for r in read_metrics(acc_dir)]
+    np.testing.assert_allclose(ddp_norms, acc_norms, rtol=1e-5)
+
+    ddp_states = states_by_stream(load_checkpoint(str(ddp_dir / "checkpoints" / "latest.pt")), 4, 1)
+    acc_states = states_by_stream(load_checkpoint(str(acc_dir / "checkpoints" / "latest.pt")), 4, 2)
+    assert sorted(ddp_states) == sorted(acc_states) == [0, 1, 2, 3]
+    for stream, layers in acc_states.items():
+        for (c_acc, h_acc), (c_ddp, h_ddp) in zip(layers, ddp_states[stream]):
+            assert c_acc.abs().max() > 0  # the state really was carried (not reset to zeros)
+            torch.testing.assert_close(c_ddp, c_acc, rtol=0, atol=1e-5)
+            torch.testing.assert_close(h_ddp, h_acc, rtol=0, atol=1e-5)
+
+
+PAUSING_TRAINER = """
+import sys, time
+from languini.projects.lstm import configs, model
+from languini.train_lib.run import run_training
+
+class PauseAtCall(model.Model):
+    calls = 0
+    def forward(self, x, state=None):
+        PauseAtCall.calls += 1
+        if PauseAtCall.calls == int(sys.argv[1]):
+            print("PAUSED", flush=True)
+            time.sleep(600)
+        return super().forward(x, state)
+
+sys.exit(run_training(configs, PauseAtCall, sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_resume_after_sigkill_is_bit_identical_including_states(synthetic_corpus, tmp_path, cell):
+    data_root, _ = synthetic_corpus
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    extra = [*CELLS[cell], "--gradient_accumulation_steps", "2"]
+    assert run_main(tiny_args(data_root, straight, 16, *extra)) == 0
+
+    # 8 steps checkpointed, then killed inside step 11 (2 forward calls per step): not a clean exit
+    args = tiny_args(data_root, killed, 16, *extra, "--log_ckpt_every", "8")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PAUSING_TRAINER, "21", *args], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.stdout.readline().strip() != "PAUSED":
+            assert proc.poll() is None, "the training process ended before pausing"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert max(train_losses(killed)) == 10
+    checkpoint = load_checkpoint(str(killed / "checkpoints" / "latest.pt"))
+    assert checkpoint["step"] == 8
+    assert any(t.abs().max() > 0 for micro in checkpoint["states"][0] for layer in micro for t in layer)
+
+    assert run_main(args + ["--resume", "auto"]) == 0
+    resumed, expected = train_losses(killed), train_losses(straight)
+    assert sorted(resumed) == list(range(1, 17))
+    assert resumed == expected  # bit-identical, not approximately equal
+    end_resumed = load_checkpoint(str(killed / "checkpoints" / "latest.pt"))
+    end_straight = load_checkpoint(str(straight / "checkpoints" / "latest.pt"))
+    for micro_a, micro_b in zip(end_resumed["states"][0], end_straight["states"][0]):
+        for layer_a, layer_b in zip(micro_a, micro_b):
+            for a, b in zip(layer_a, layer_b):
+                assert torch.equal(a, b)
+    for name, weight in end_straight["model"].items():
+        assert torch.equal(end_resumed["model"][name], weight), name
+
+
+def write_bigram_corpus(data_root):
+    """Books that walk one fixed permutation of the vocabulary: a deterministic bigram to learn."""
+    rng = np.random.default_rng(0)
+    successor = np.full(256, 3)
+    cycle = rng.permutation(np.arange(3, 256))
+    successor[cycle] = np.roll(cycle, -1)
+    rows = []
+    for i in range(8):
+        tokens = [int(rng.integers(3, 256))]
+        for _ in range(599):
+            tokens.append(successor[tokens[-1]])
+        rel = f"files/book_{i}.npy"
+        write_token_file(str(data_root / "synth_256" / rel), np.array(tokens), 256)
+        rows.append((rel, len(tokens)))
+    for split in ("train", "test"):
+        write_file_list(str(data_root), split, rows)
+
+
+@pytest.mark.parametrize("cell", [*CELLS, "coupled"])
+def test_loss_drops_on_learnable_corpus(tmp_path, cell):
+    data_root = tmp_path / "bigram"
+    write_bigram_corpus(data_root)
+    run_dir = tmp_path / "run"
+    cell_args = ["--coupled"] if cell == "coupled" else CELLS[cell]
+    args = tiny_args(data_root, run_dir, 100, *cell_args, "--max_lr", "1e-2", "--seq_len", "16")
+    assert run_main(args) == 0
+    losses = train_losses(run_dir)
+    first, last = np.mean([losses[s] for s in (1, 2, 3)]), np.mean([losses[s] for s in (98, 99, 100)])
+    assert first > 5.0 and last < 0.5 * first, (first, last)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cell", CELLS)
+def test_nano_learns_the_demo_corpus(tmp_path, cell):
+    """The nano preset on the demo corpus: loss drops clearly within 100 steps, validation included."""
+    if not os.path.isfile(os.path.join(DEMO_ROOT, "demo_4096", "meta.json")):
+        pytest.skip("demo corpus not prepared (languini data prepare demo)")
+    run_dir = tmp_path / "run"
+    args = [
+        "nano", *CELLS[cell], "--data_root", DEMO_ROOT, "--max_train_steps", "100", "--decay_steps", "100",
+        "--warmup_steps", "10", "--max_lr", "3e-3", "--eval_every", "100", "--max_eval_steps", "4",
+        "--log_metrics_every", "1", "--logger_type", "none", "--no-progress_bar", "--device", "cpu",
+        "--run_dir", str(run_dir),
+    ]  # fmt: skip
+    assert run_main(args) == 0
+    losses = train_losses(run_dir)
+    first, last = np.mean([losses[s] for s in (1, 2, 3)]), np.mean([losses[s] for s in (98, 99, 100)])
+    assert last < first - 2.0, (first, last)
+    final = read_metrics(run_dir)[-1]
+    assert final["eval/loss"] < first - 1.5
