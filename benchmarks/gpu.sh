@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Device benchmark for a lent GPU, one pass: the GPU tests, then the training throughput (bf16, compiled)
-# of GPT mini/tiny/small and quasi-LSTM mini/tiny/small, collected in benchmarks/results/<device>.json
-# (device, torch version, tokens/s, MFU, next to the original's RTX 3090 figures).
+# of GPT mini/tiny/small and quasi-LSTM mini/tiny/small, the same runs eager (--compile none) for the
+# small models, and the quasi-LSTM with the Triton scan (--scan triton) beside the PyTorch one; collected
+# in benchmarks/results/<device>.json (device, torch version, tokens/s, MFU, peak memory, next to the
+# original's RTX 3090 figures), with each variant's speed relative to its default run and the issue 7
+# targets (GPT small MFU >= 55%, quasi-LSTM small Triton/PyTorch scan >= 2x).
 #
 #   benchmarks/gpu.sh             on a CUDA machine
 #   benchmarks/gpu.sh --dry-run   the same pipeline on CPU: nano configs, tiny step counts, no GPU tests
 #
 # Environment: LANGUINI_BENCH_OUT (output folder, default benchmarks/results), LANGUINI_BENCH_RUNS
-# ("project preset batch;..." to override the runs), LANGUINI_BENCH_TIMEOUT (seconds per run, default 150).
+# ("project preset batch [config flags];..." to override the runs; the flags override the defaults below,
+# e.g. "lstm small 64 --scan triton"), LANGUINI_BENCH_TIMEOUT (seconds per run, default 150).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +25,8 @@ elif [[ -z "${1:-}" ]]; then
   DRY_RUN=0
   # Batch sizes near the best of a one-GPU sweep at seq_len 512 (the 3090's were smaller: 24 GB).
   DEFAULT_RUNS="gpt mini 128;gpt tiny 128;gpt small 64;lstm mini 128;lstm tiny 96;lstm small 64"
+  DEFAULT_RUNS+=";gpt small 64 --compile none;lstm small 64 --compile none"  # eager vs compiled
+  DEFAULT_RUNS+=";lstm mini 128 --scan triton;lstm tiny 96 --scan triton;lstm small 64 --scan triton"
   FLAGS=(--device cuda --precision bf16 --compile default)
 else
   echo "usage: benchmarks/gpu.sh [--dry-run]" >&2
@@ -40,12 +46,13 @@ else
   GPU_TESTS_RC=$?
 fi
 
-for run in "${RUNS[@]}"; do
-  read -r project preset batch <<< "$run"
-  echo "== throughput: $project $preset, train_batch_size $batch"
+for i in "${!RUNS[@]}"; do
+  read -r project preset batch extra <<< "${RUNS[$i]}"
+  read -r -a extra_flags <<< "${extra:-}"
+  echo "== throughput: $project $preset, train_batch_size $batch ${extra:-}"
   timeout "$RUN_TIMEOUT" python3 -m languini.common_lib.throughput "$project" "$preset" \
-    --train_batch_size "$batch" "${FLAGS[@]}" --json "$WORK/$project-$preset.json" \
-    || echo "   failed or timed out: $project $preset (exit $?)"
+    --train_batch_size "$batch" "${FLAGS[@]}" "${extra_flags[@]}" --json "$WORK/run$i.json" \
+    || echo "   failed or timed out: $project $preset ${extra:-} (exit $?)"
 done
 
 python3 - "$WORK" "$OUT_DIR" "$DRY_RUN" "$GPU_TESTS_RC" "${RUNS[@]}" <<'PYTHON'
@@ -56,10 +63,10 @@ from languini.common_lib.compute_classes import reference_tokens_per_second
 
 work, out_dir, dry_run, gpu_tests_rc, runs = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]), sys.argv[5:]
 results, device, torch_version = [], None, None
-for run in runs:
-    project, preset, batch = run.split()
-    path = os.path.join(work, f"{project}-{preset}.json")
-    row = {"project": project, "preset": preset, "train_batch_size": int(batch)}
+for i, run in enumerate(runs):
+    project, preset, batch, *extra = run.split()
+    path = os.path.join(work, f"run{i}.json")
+    row = {"project": project, "preset": preset, "train_batch_size": int(batch), "flags": " ".join(extra)}
     if os.path.isfile(path):
         r = json.load(open(path))
         device, torch_version = r.get("device", device), r.get("torch_version", torch_version)
@@ -70,8 +77,28 @@ for run in runs:
         row["error"] = "failed or timed out"
     row["rtx3090_tokens_per_second"] = reference_tokens_per_second(project, preset)
     results.append(row)
+
+# A run with extra flags is compared with the run of the same project, preset and batch without them.
+default_tps = {(r["project"], r["preset"], r["train_batch_size"]): r.get("tokens_per_second")
+               for r in results if not r["flags"]}
+for row in results:
+    base = default_tps.get((row["project"], row["preset"], row["train_batch_size"]))
+    if row["flags"] and base and row.get("tokens_per_second"):
+        row["speed_vs_default_run"] = row["tokens_per_second"] / base
+
+def find(project, flags):
+    return next((r for r in results if (r["project"], r["preset"], r["flags"]) == (project, "small", flags)), {})
+
+gpt_mfu, triton_speedup = find("gpt", "").get("mfu"), find("lstm", "--scan triton").get("speed_vs_default_run")
+targets = {
+    "gpt_small_mfu": gpt_mfu, "gpt_small_mfu_target": 0.55,
+    "gpt_small_mfu_met": None if gpt_mfu is None else gpt_mfu >= 0.55,
+    "qlstm_small_triton_over_torch_scan": triton_speedup, "qlstm_small_triton_target": 2.0,
+    "qlstm_small_triton_met": None if triton_speedup is None else triton_speedup >= 2.0,
+}
 summary = {"device": device, "torch_version": torch_version, "dry_run": dry_run,
-           "gpu_tests_exit_code": None if gpu_tests_rc < 0 else gpu_tests_rc, "results": results}
+           "gpu_tests_exit_code": None if gpu_tests_rc < 0 else gpu_tests_rc, "results": results,
+           "issue7_targets": targets}
 slug = re.sub(r"[^A-Za-z0-9]+", "_", device or "unknown").strip("_") + ("-dry-run" if dry_run else "")
 path = os.path.join(out_dir, f"{slug}.json")
 atomic_write_json(path, summary)
@@ -79,6 +106,9 @@ print(f"== wrote {path}")
 for row in results:
     tps = f"{row['tokens_per_second']:,.0f} tokens/s" if row.get("tokens_per_second") else row.get("error", "OOM")
     mfu = f", MFU {row['mfu']:.1%}" if row.get("mfu") else ""
-    print(f"   {row['project']} {row['preset']} B{row['train_batch_size']}: {tps}{mfu}")
+    vs = f", {row['speed_vs_default_run']:.2f}x the default run" if row.get("speed_vs_default_run") else ""
+    name = " ".join(filter(None, [row["project"], row["preset"], f"B{row['train_batch_size']}", row["flags"]]))
+    print(f"   {name}: {tps}{mfu}{vs}")
+print(f"   issue 7 targets: {targets}")
 sys.exit(0 if all(r.get("tokens_per_second") for r in results) else 1)
 PYTHON

@@ -31,7 +31,7 @@ from languini.common_lib.device import (
 from languini.common_lib.errors import UserError, exit_on_user_error
 from languini.common_lib.flops import build_model, count_step_flops, param_counts
 from languini.common_lib.projects import check_project, import_project_module
-from languini.train_lib.loss import lm_loss
+from languini.train_lib.compile import compile_loss, compile_model
 from languini.train_lib.optim import build_optimizer
 
 OOM_EXIT_CODE = 3  # the sweep reads this as "did not fit"
@@ -174,10 +174,7 @@ def measure(project: str, cfg, steps: int = 0, warmup: int = -1, peak_tflops: fl
     total_params, non_embedding_params = param_counts(model, cfg.vocab_size)
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    forward, loss_fn = model, lm_loss
-    if cfg.compile != "none":  # compiled like the trainer: the model, and the loss (fuses the fp32 upcast)
-        mode = None if cfg.compile == "default" else cfg.compile
-        forward, loss_fn = torch.compile(model, mode=mode), torch.compile(lm_loss, mode=mode)
+    forward, loss_fn = compile_model(model, cfg.compile), compile_loss(cfg.compile)  # as the trainer does
     tokens = torch.randint(0, cfg.vocab_size, (accumulation, micro_batch, cfg.seq_len + 1), device=device)
     states = [model.get_init_state(micro_batch, device) for _ in range(accumulation)]
 

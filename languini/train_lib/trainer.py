@@ -23,9 +23,9 @@ from languini.common_lib.errors import UserError
 from languini.dataset_lib.languini_books import LanguiniDatasetIterator, stream_indices
 from languini.train_lib import checkpoint as ckpt
 from languini.train_lib.char_counts import load_token_lengths
+from languini.train_lib.compile import compile_loss, compile_model
 from languini.train_lib.distributed import all_gather_objects, all_reduce_mean, all_reduce_sum, barrier
 from languini.train_lib.evaluation import evaluate_on_loader
-from languini.train_lib.loss import lm_loss
 from languini.train_lib.optim import build_optimizer, build_scheduler
 from languini.train_lib.run_folder import checkpoint_path
 from languini.train_lib.state import detach_state, state_to
@@ -82,11 +82,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self.autocast = lambda: autocast_context(precision, device)
 
-        self.eval_model, self.loss_fn = model, lm_loss
-        if cfg.compile != "none":
-            mode = None if cfg.compile == "default" else cfg.compile
-            self.eval_model = torch.compile(model, mode=mode)
-            self.loss_fn = torch.compile(lm_loss, mode=mode)  # fuses the fp32 upcast into the softmax
+        self.eval_model = compile_model(model, cfg.compile)  # in place: names stay clean
+        self.loss_fn = compile_loss(cfg.compile)
         self.train_model = self.eval_model
         if world.is_distributed:
             device_ids = [device.index] if device.type == "cuda" else None
