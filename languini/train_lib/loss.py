@@ -10,7 +10,7 @@ copy and fp32 log-softmax (4 + 4 bytes per logit) that `F.cross_entropy(logits.f
 import torch
 import torch.nn.functional as F
 
-CHUNK_TOKENS = 8192  # rows upcast at once: 8192 x 16384 vocab = 512 MiB of fp32 temporaries
+CHUNK_TOKENS = 8192  # rows upcast at once; one fp32 chunk buffer is 512 MiB at a 16k vocabulary
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
