@@ -18,16 +18,17 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def clean_state_dict(state_dict: dict) -> dict:
-    """Strip DDP / torch.compile prefixes from parameter names (repeatedly: compile(DDP(m)) nests them)."""
+    """Drop DDP / torch.compile wrapper components (`module.`, `_orig_mod.`) wherever they sit in a name.
+
+    compile(DDP(m)) nests them at the front; compiling a block (`layers.0._orig_mod.`) puts one inside.
+    """
+    wrappers = {p.rstrip(".") for p in WRAPPER_PREFIXES}
     out = {}
     for name, value in state_dict.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in WRAPPER_PREFIXES:
-                if name.startswith(prefix):
-                    name, stripped = name[len(prefix) :], True
-        out[name] = value
+        parts = name.split(".")
+        while parts and parts[0] in wrappers:  # leading wrappers: any of them
+            parts = parts[1:]
+        out[".".join(p for p in parts if p != "_orig_mod")] = value  # inner wrappers: compile only
     return out
 
 
