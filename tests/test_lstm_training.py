@@ -18,7 +18,6 @@ from languini.train_lib.loggers import read_metrics
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LSTM_MAIN = os.path.join(REPO_ROOT, "languini", "projects", "lstm", "main.py")
-DEMO_ROOT = os.path.join(REPO_ROOT, "data", "demo")
 CELLS = {"quasi": [], "classic": ["--non_quasi"]}
 
 
@@ -189,13 +188,11 @@ def test_loss_drops_on_learnable_corpus(tmp_path, cell):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cell", CELLS)
-def test_nano_learns_the_demo_corpus(tmp_path, cell):
+def test_nano_learns_the_demo_corpus(tmp_path, cell, demo_data_root):
     """The nano preset on the demo corpus: loss drops clearly within 100 steps, validation included."""
-    if not os.path.isfile(os.path.join(DEMO_ROOT, "demo_4096", "meta.json")):
-        pytest.skip("demo corpus not prepared (languini data prepare demo)")
     run_dir = tmp_path / "run"
     args = [
-        "nano", *CELLS[cell], "--data_root", DEMO_ROOT, "--max_train_steps", "100", "--decay_steps", "100",
+        "nano", *CELLS[cell], "--data_root", demo_data_root, "--max_train_steps", "100", "--decay_steps", "100",
         "--warmup_steps", "10", "--max_lr", "3e-3", "--eval_every", "100", "--max_eval_steps", "4",
         "--log_metrics_every", "1", "--logger_type", "none", "--no-progress_bar", "--device", "cpu",
         "--run_dir", str(run_dir),

@@ -300,3 +300,21 @@ def test_bf16_autocast_and_accumulation_run_on_cpu(synthetic_corpus, tmp_path):
     assert run_main(args) == 0
     losses = train_losses(run_dir)
     assert sorted(losses) == [1, 2, 3] and all(np.isfinite(list(losses.values())))
+
+
+@pytest.mark.slow
+def test_nano_learns_the_demo_corpus(tmp_path, demo_data_root):
+    """GPT nano on the demo corpus: the loss drops clearly within 100 steps, validation included."""
+    run_dir = tmp_path / "run"
+    args = [
+        "nano", "--data_root", demo_data_root, "--max_train_steps", "100", "--decay_steps", "100",
+        "--warmup_steps", "10", "--max_lr", "3e-3", "--eval_every", "100", "--max_eval_steps", "4",
+        "--log_metrics_every", "1", "--logger_type", "none", "--no-progress_bar", "--device", "cpu",
+        "--run_dir", str(run_dir),
+    ]  # fmt: skip
+    assert run_main(args) == 0
+    losses = train_losses(run_dir)
+    first, last = np.mean([losses[s] for s in (1, 2, 3)]), np.mean([losses[s] for s in (98, 99, 100)])
+    assert last < first - 2.0, (first, last)
+    final = read_metrics(run_dir)[-1]
+    assert final["eval/loss"] < first - 1.5 and final["eval/normalised_ppl"] < 20
