@@ -29,6 +29,24 @@ def make_synthetic_corpus(data_root, dataset="synth_256", vocab_size=256, splits
     return dataset_path
 
 
+def write_bigram_corpus(data_root):
+    """Books that walk one fixed permutation of the vocabulary: a deterministic bigram to learn."""
+    rng = np.random.default_rng(0)
+    successor = np.full(256, 3)
+    cycle = rng.permutation(np.arange(3, 256))
+    successor[cycle] = np.roll(cycle, -1)
+    rows = []
+    for i in range(8):
+        tokens = [int(rng.integers(3, 256))]
+        for _ in range(599):
+            tokens.append(successor[tokens[-1]])
+        rel = f"files/book_{i}.npy"
+        write_token_file(str(data_root / "synth_256" / rel), np.array(tokens), 256)
+        rows.append((rel, len(tokens)))
+    for split in ("train", "test"):
+        write_file_list(str(data_root), split, rows)
+
+
 @pytest.fixture
 def synthetic_corpus(tmp_path):
     """(data_root, dataset_path) of a small random corpus with vocab 256."""

@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import write_bigram_corpus
 
 from languini.dataset_lib.languini_books import stream_indices
-from languini.dataset_lib.layout import write_file_list, write_token_file
 from languini.projects.lstm import main as lstm_main
 from languini.train_lib.checkpoint import load_checkpoint
 from languini.train_lib.loggers import read_metrics
@@ -153,24 +153,6 @@ def test_resume_after_sigkill_is_bit_identical_including_states(synthetic_corpus
                 assert torch.equal(a, b)
     for name, weight in end_straight["model"].items():
         assert torch.equal(end_resumed["model"][name], weight), name
-
-
-def write_bigram_corpus(data_root):
-    """Books that walk one fixed permutation of the vocabulary: a deterministic bigram to learn."""
-    rng = np.random.default_rng(0)
-    successor = np.full(256, 3)
-    cycle = rng.permutation(np.arange(3, 256))
-    successor[cycle] = np.roll(cycle, -1)
-    rows = []
-    for i in range(8):
-        tokens = [int(rng.integers(3, 256))]
-        for _ in range(599):
-            tokens.append(successor[tokens[-1]])
-        rel = f"files/book_{i}.npy"
-        write_token_file(str(data_root / "synth_256" / rel), np.array(tokens), 256)
-        rows.append((rel, len(tokens)))
-    for split in ("train", "test"):
-        write_file_list(str(data_root), split, rows)
 
 
 @pytest.mark.parametrize("cell", [*CELLS, "coupled"])

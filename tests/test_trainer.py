@@ -11,9 +11,9 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from conftest import write_bigram_corpus
 
 from languini.common_lib.config import load_config_json
-from languini.dataset_lib.layout import write_file_list, write_token_file
 from languini.projects.gpt import configs as gpt_configs
 from languini.projects.gpt import main as gpt_main
 from languini.projects.gpt.model import Model as GPT
@@ -108,20 +108,7 @@ def test_run_folder_metrics_and_checkpoint(synthetic_corpus, tmp_path):
 def test_loss_drops_on_learnable_corpus(tmp_path):
     """Books that walk one fixed permutation of the vocabulary (a deterministic bigram): GPT must learn it."""
     data_root = tmp_path / "bigram"
-    rng = np.random.default_rng(0)
-    successor = np.full(256, 3)
-    cycle = rng.permutation(np.arange(3, 256))
-    successor[cycle] = np.roll(cycle, -1)
-    rows = []
-    for i in range(8):
-        tokens = [int(rng.integers(3, 256))]
-        for _ in range(599):
-            tokens.append(successor[tokens[-1]])
-        rel = f"files/book_{i}.npy"
-        write_token_file(str(data_root / "synth_256" / rel), np.array(tokens), 256)
-        rows.append((rel, len(tokens)))
-    for split in ("train", "test"):
-        write_file_list(str(data_root), split, rows)
+    write_bigram_corpus(data_root)
     run_dir = tmp_path / "run"
     assert run_main(tiny_args(data_root, run_dir, 100, "--max_lr", "1e-2")) == 0
     losses = train_losses(run_dir)
