@@ -3,7 +3,8 @@
     python3 benchmarks/loader_speed.py [--quick] [--data_path data/demo/demo_4096] [--batch_size 128] [--seq_len 512]
 
 Always measures a synthetic corpus (random uint16 books written to a temporary folder); with --data_path it
-also measures that prepared dataset (e.g. one made from ../shared/data/gutenberg-400.tar.xz).
+also measures that prepared dataset (e.g. one made from ../shared/data/gutenberg-400.tar.xz), with the batch
+capped at the number of books of the split.
 """
 
 import argparse
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from languini.common_lib.errors import UserError, exit_on_user_error
 from languini.dataset_lib.languini_books import LanguiniDatasetIterator
-from languini.dataset_lib.layout import write_file_list, write_token_file
+from languini.dataset_lib.layout import read_books, write_file_list, write_token_file
 
 
 def write_synthetic_corpus(data_root: str, n_books: int, mean_tokens: int, vocab_size: int = 16384) -> str:
@@ -76,7 +77,9 @@ def main(argv=None):
     if args.data_path:
         if not os.path.isdir(args.data_path):
             raise UserError(f"no dataset folder at {args.data_path}")
-        results["dataset"] = measure(args.data_path, args.split, args.batch_size, args.seq_len, steps)
+        n_books = len(read_books(args.data_path, args.split))
+        batch_size = min(args.batch_size, n_books)  # a repeating stream needs at least one book
+        results["dataset"] = measure(args.data_path, args.split, batch_size, args.seq_len, steps)
     print(json.dumps(results, indent=2))
     return 0
 
