@@ -41,7 +41,7 @@ def newline_chunks(text: str, size: int = CHUNK_CHARS) -> list[str]:
     return chunks
 
 
-def encode_text(sp, text: str, cut_at_newlines: bool) -> np.ndarray:
+def encode_text(sp, text: str, cut_at_newlines: bool, num_threads: int = -1) -> np.ndarray:
     """Token ids of a whole book.
 
     When no vocabulary piece contains a newline (true for models trained line by line, like ours and the
@@ -50,13 +50,15 @@ def encode_text(sp, text: str, cut_at_newlines: bool) -> np.ndarray:
     """
     if not cut_at_newlines or len(text) <= CHUNK_CHARS:
         return np.asarray(sp.encode(text), dtype=np.int64)
-    parts = sp.encode(newline_chunks(text))
+    parts = sp.encode(newline_chunks(text), num_threads=num_threads)  # a batch: threaded by sentencepiece
     return np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])
 
 
-def _init_worker(model_path: str):
+def _init_worker(model_path: str, encode_threads: int):
+    """Load the tokenizer once per process. One process encodes with every core (sentencepiece threads a
+    batch); in a pool of several, each encodes with one thread so the pool does not oversubscribe."""
     sp = load_processor(model_path)
-    _WORKER["sp"] = sp
+    _WORKER["sp"], _WORKER["threads"] = sp, encode_threads
     _WORKER["cut"] = not any("\n" in sp.id_to_piece(i) for i in range(sp.get_piece_size()))
 
 
@@ -76,7 +78,7 @@ def process_book(ref: BookRef, dataset_path: str, vocab_size: int) -> BookResult
     if os.path.isfile(out):
         tokens = token_count(out)
     else:
-        ids = encode_text(_WORKER["sp"], text, _WORKER["cut"])
+        ids = encode_text(_WORKER["sp"], text, _WORKER["cut"], _WORKER["threads"])
         write_token_file(out, ids, vocab_size)
         tokens = len(ids)
     return BookResult(ref.book_id, tokens, len(text.encode("utf-8")), len(text))
@@ -90,11 +92,11 @@ def tokenise_books(refs: list[BookRef], dataset_path: str, model_path: str, voca
     start, done_bytes = time.perf_counter(), 0
     with bar:
         if workers <= 1:
-            _init_worker(model_path)
+            _init_worker(model_path, -1)
             results = map(task, refs)
             pool = None
         else:
-            pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (model_path,))
+            pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (model_path, 1))
             results = pool.imap_unordered(task, refs)
         try:
             for result in results:
