@@ -82,6 +82,7 @@ def test_calibrate_scales_the_reference_by_the_measured_ratio(monkeypatch, capsy
         (["gpt", "small", "--h_dim", "666"], "modified h_dim"),
         (["gpt", "small", "--hours", "x"], "--hours expects float"),
         (["gpt", "small", "--hours", "-1"], "--hours and --flops must be positive"),
+        (["gpt", "small", "--hours", "6", "--throughput_json", __file__], "cannot read"),
     ],
 )
 def test_mistakes_exit_2_with_one_line(argv, message, capsys):
@@ -97,3 +98,9 @@ def test_docs_hold_each_recipe_command(recipe):
     docs = "languini/projects/gpt/README.md" if recipe["project"] == "gpt" else "docs/compute_classes.md"
     text = open(os.path.join(REPO, docs)).read()
     assert compute_classes.recipe_command(recipe) in text
+
+
+def test_lstm_steps_accept_the_coupled_variant_the_figures_were_measured_on(capsys):
+    for extra in ([], ["--coupled"]):
+        compute_classes.main(["lstm", "small", "--hours", "24", "--train_batch_size", "84", *extra])
+        assert "24h: 22385 steps" in capsys.readouterr().out

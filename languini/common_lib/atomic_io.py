@@ -60,6 +60,5 @@ def atomic_save_npy(path, array):
 def atomic_torch_save(path, obj):
     import torch
 
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    with atomic_open(path, "wb") as f:  # straight to the file: no second in-memory copy of a large state
+        torch.save(obj, f)

@@ -82,12 +82,18 @@ def published_recipe(project: str, cfg, hours: float) -> dict | None:
     return None
 
 
+# Fields whose values the published figure covers either way: the qLSTM figures were measured on the coupled
+# (3-projection) variant and the paper's recipes trained the 4-projection model with them.
+SAME_PUBLISHED_THROUGHPUT = {"lstm": {"coupled"}}
+
+
 def modified_model_fields(project: str, cfg) -> list[str]:
     """Config fields (outside the shared training fields, plus seq_len) that differ from the preset's,
     i.e. the reasons a preset's published throughput would not describe this config."""
     configs = import_project_module(project, "configs")
     preset = build_preset(configs.Config, configs.PRESETS, cfg.preset)
     shared = {f.name for f in dataclasses.fields(TrainConfig)} - {"seq_len", "vocab_size"}
+    shared |= SAME_PUBLISHED_THROUGHPUT.get(project, set())
     return [
         f.name for f in dataclasses.fields(cfg) if f.name not in shared and getattr(cfg, f.name) != getattr(preset, f.name)
     ]
@@ -111,9 +117,12 @@ STEPS_FLAGS = {
 def _throughput_from_json(path: str) -> float:
     if not os.path.isfile(path):
         raise UserError(f"no throughput JSON at {path}")
-    with open(path) as f:
-        data = json.load(f)
-    if not data.get("tokens_per_second"):
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} as a throughput JSON: {e}") from None
+    if not isinstance(data, dict) or not data.get("tokens_per_second"):
         raise UserError(f"{path} holds no tokens_per_second (was it written by throughput.py --json?)")
     return float(data["tokens_per_second"])
 

@@ -65,5 +65,11 @@ def load_checkpoint(path: str) -> dict:
 def load_model_weights(model: torch.nn.Module, path: str) -> dict:
     """Load the `model` entry of a checkpoint into `model` (prefixes tolerated); returns the checkpoint."""
     checkpoint = load_checkpoint(path)
-    model.load_state_dict(clean_state_dict(checkpoint["model"]))
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise UserError(f"{path} is not a languini checkpoint (no 'model' entry)")
+    try:
+        model.load_state_dict(clean_state_dict(checkpoint["model"]))
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"{path} does not fit the config (a model flag overridden?): {first}") from None
     return checkpoint

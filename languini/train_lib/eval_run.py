@@ -21,11 +21,12 @@ from languini.common_lib.errors import UserError
 from languini.dataset_lib import layout
 from languini.dataset_lib.languini_books import read_split_tokens
 from languini.train_lib.char_counts import load_token_lengths
-from languini.train_lib.checkpoint import clean_state_dict, load_checkpoint
+from languini.train_lib.checkpoint import load_model_weights
 from languini.train_lib.distributed import init_distributed, shutdown_distributed, world_from_env
 from languini.train_lib.evaluation import all_reduce_sums, metrics_from_sums
 from languini.train_lib.final_eval import PROTOCOLS
 from languini.train_lib.run_folder import CHECKPOINT_NAME
+from languini.train_lib.train_config import check_config
 
 EVAL_FLAGS = ("run_dir", "checkpoint", "config")
 USAGE = """usage: eval.py --run_dir DIR [--checkpoint PATH] [--eval_data_split S|all] [--last_n N] [--flags]
@@ -97,16 +98,9 @@ def _splits(data_root: str, requested: str) -> list[str]:
 
 
 def _load_model(Model, cfg, checkpoint: str, device) -> tuple[torch.nn.Module, int | None]:
-    ckpt = load_checkpoint(checkpoint)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise UserError(f"{checkpoint} is not a languini checkpoint (no 'model' entry)")
     model = Model(cfg)
-    try:
-        model.load_state_dict(clean_state_dict(ckpt["model"]))
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise UserError(f"{checkpoint} does not fit the config (a model flag overridden?): {first}") from None
-    return model.to(device).eval(), ckpt.get("step")
+    step = load_model_weights(model, checkpoint).get("step")
+    return model.to(device).eval(), step
 
 
 def _format_table(rows: list[dict]) -> str:
@@ -138,6 +132,7 @@ def run_eval(configs_module, Model, argv, protocol: str) -> int:
     config_path, checkpoint, out_dir = _locate(own)
     cfg = load_config_json(configs_module.Config, config_path)
     cfg = apply_overrides(cfg, parse_flags(configs_module.Config, rest))
+    check_config(cfg)
     dataset_path = layout.check_dataset(cfg.data_root, cfg.dataset, cfg.vocab_size)
     splits = _splits(cfg.data_root, cfg.eval_data_split)
     world = world_from_env()

@@ -13,7 +13,7 @@ import torch
 from languini.common_lib.config import config_to_dict, format_config, parse_config
 from languini.common_lib.device import device_name, resolve_device, resolve_precision
 from languini.common_lib.errors import UserError
-from languini.dataset_lib.layout import check_dataset
+from languini.dataset_lib.layout import check_dataset, read_books
 from languini.train_lib import run_folder
 from languini.train_lib.distributed import (
     broadcast_object,
@@ -22,6 +22,7 @@ from languini.train_lib.distributed import (
     world_from_env,
 )
 from languini.train_lib.loggers import MetricsLogger, check_sinks, truncate_metrics
+from languini.train_lib.train_config import check_config
 from languini.train_lib.trainer import Trainer, TrainingDiverged, check_batch_layout
 
 
@@ -47,7 +48,11 @@ def run_training(configs_module, Model, argv: list[str]) -> int:
 
 
 def _train(cfg, Model, world, argv: list[str]) -> int:
+    check_config(cfg)
+    check_model_builds(Model, cfg)
     dataset_path = check_dataset(cfg.data_root, cfg.dataset, cfg.vocab_size)
+    if cfg.eval_every > 0:
+        read_books(dataset_path, "test")  # validation needs the iid test split: fail now, not at its first use
     check_batch_layout(cfg, world.size)
     check_sinks(cfg.logger_type)
     device = resolve_device(cfg.device, world.local_rank)
@@ -102,3 +107,12 @@ def _claim_on_main(run_dir: str, cfg, world) -> bool:
     if outcome[0] == "error":
         raise UserError(outcome[1])
     return outcome[1]
+
+
+def check_model_builds(Model, cfg):
+    """Build the model on the meta device (no memory): a config it rejects fails before any folder exists."""
+    try:
+        with torch.device("meta"):
+            Model(cfg)
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"the model cannot be built from this config: {e}") from None

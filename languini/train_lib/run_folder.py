@@ -43,7 +43,8 @@ RESUMABLE_CHANGES = {
 
 def default_exp_name(cfg) -> str:
     """A readable name from the config, stable across restarts so `--resume auto` finds the folder."""
-    name = f"{cfg.preset or 'custom'}_bsz{cfg.train_batch_size}_sl{cfg.seq_len}_steps{cfg.max_train_steps}"
+    # decay_steps, not max_train_steps: a resumed run may extend max_train_steps and must find its folder
+    name = f"{cfg.preset or 'custom'}_bsz{cfg.train_batch_size}_sl{cfg.seq_len}_decay{cfg.decay_steps}"
     return name + ("_debug" if cfg.debug else "")
 
 

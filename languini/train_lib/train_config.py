@@ -4,9 +4,13 @@ A project's `configs.py` subclasses `TrainConfig` with its model fields and defi
 Defaults reproduce the original Languini recipe (DESIGN §5).
 """
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 from languini.common_lib.config import cfg_field
+from languini.common_lib.errors import UserError
+from languini.dataset_lib.layout import END_OF_DOC
 
 
 @dataclass
@@ -67,3 +71,33 @@ class TrainConfig:
     logger_type: str = cfg_field("tb", "extra metric sinks", choices=["none", "tb", "wandb", "all"])
     wandb_project_name: str = cfg_field("languini", "wandb project")
     progress_bar: bool = cfg_field(True, "show a tqdm progress bar with ETA")
+
+
+def check_config(cfg):
+    """Reject nonsensical settings with one clear line before anything is written or trained.
+
+    Model fields (those a project adds to TrainConfig) that are integers are sizes and must be >= 1.
+    """
+    def require(ok: bool, message: str):
+        if not ok:
+            raise UserError(message)
+
+    for name in ("seq_len", "train_batch_size", "eval_batch_size", "test_batch_size", "decay_steps"):
+        require(getattr(cfg, name) >= 1, f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    require(cfg.vocab_size > END_OF_DOC, f"--vocab_size must exceed the special ids 0..{END_OF_DOC}")
+    require(cfg.max_train_steps >= 0, f"--max_train_steps must be >= 0, got {cfg.max_train_steps}")
+    require(cfg.warmup_steps >= 0, f"--warmup_steps must be >= 0, got {cfg.warmup_steps}")
+    require(cfg.max_eval_steps == -1 or cfg.max_eval_steps >= 1, "--max_eval_steps must be -1 (all) or >= 1")
+    for name in ("max_lr", "min_lr", "adam_eps", "weight_decay", "grad_clip_norm", "tokens_per_second"):
+        value = getattr(cfg, name)
+        require(math.isfinite(value) and value >= 0, f"--{name} must be a finite number >= 0, got {value}")
+    require(cfg.max_lr > 0 and cfg.adam_eps > 0, "--max_lr and --adam_eps must be > 0")
+    for name in ("beta1", "beta2"):
+        require(0 <= getattr(cfg, name) < 1, f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
+    for name in ("eval_every", "log_terminal_every", "log_metrics_every", "log_grads_every", "log_ckpt_every"):
+        require(getattr(cfg, name) >= 0, f"--{name} must be >= 0 (0 = never), got {getattr(cfg, name)}")
+    shared = {f.name for f in dataclasses.fields(TrainConfig)}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name not in shared and type(value) is int:
+            require(value >= 1, f"--{f.name} must be at least 1, got {value}")

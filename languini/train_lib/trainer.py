@@ -104,7 +104,18 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------------------
 
     def save(self, path: str):
-        """Gather every rank's loader / state / RNG and write one checkpoint from rank 0."""
+        """Gather every rank's loader / state / RNG and write one checkpoint from rank 0.
+
+        A finite loss is computed before its update, so the weights are checked too: an update that made them
+        NaN/inf (e.g. overflowing gradients) must not replace the last good checkpoint. DDP keeps the weights
+        identical on every rank, so every rank reaches the same verdict.
+        """
+        weights_ok = torch.stack([p.detach().isfinite().all() for p in self.raw_model.parameters()]).all()
+        if not weights_ok.item():
+            raise TrainingDiverged(
+                f"the weights became NaN or infinite by step {self.step}; stopping without saving this state "
+                "(the last good checkpoint is kept). Lower --max_lr or set --grad_clip_norm"
+            )
         per_rank = all_gather_objects(
             {
                 "loader": self.loader.state_dict(),
