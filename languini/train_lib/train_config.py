@@ -85,7 +85,7 @@ def check_config(cfg):
     for name in ("seq_len", "train_batch_size", "eval_batch_size", "test_batch_size", "decay_steps"):
         require(getattr(cfg, name) >= 1, f"--{name} must be at least 1, got {getattr(cfg, name)}")
     require(cfg.vocab_size > END_OF_DOC, f"--vocab_size must exceed the special ids 0..{END_OF_DOC}")
-    require(cfg.max_train_steps >= 0, f"--max_train_steps must be >= 0, got {cfg.max_train_steps}")
+    require(cfg.max_train_steps >= 1, f"--max_train_steps must be at least 1, got {cfg.max_train_steps}")
     require(cfg.warmup_steps >= 0, f"--warmup_steps must be >= 0, got {cfg.warmup_steps}")
     require(cfg.max_eval_steps == -1 or cfg.max_eval_steps >= 1, "--max_eval_steps must be -1 (all) or >= 1")
     for name in ("max_lr", "min_lr", "adam_eps", "weight_decay", "grad_clip_norm", "tokens_per_second"):

