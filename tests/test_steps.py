@@ -104,3 +104,12 @@ def test_lstm_steps_accept_the_coupled_variant_the_figures_were_measured_on(caps
     for extra in ([], ["--coupled"]):
         compute_classes.main(["lstm", "small", "--hours", "24", "--train_batch_size", "84", *extra])
         assert "24h: 22385 steps" in capsys.readouterr().out
+
+
+def test_throughput_json_of_another_config_is_refused(tmp_path, capsys):
+    path = tmp_path / "nano.json"
+    path.write_text(json.dumps({"project": "gpt", "preset": "nano", "seq_len": 128, "tokens_per_second": 1e4}))
+    with pytest.raises(SystemExit) as exit_info:
+        compute_classes.main(["gpt", "small", "--hours", "6", "--throughput_json", str(path)])
+    assert exit_info.value.code == 2
+    assert "measured another config: preset nano (not small), seq_len 128 (not 512)" in capsys.readouterr().err

@@ -114,7 +114,8 @@ STEPS_FLAGS = {
 }
 
 
-def _throughput_from_json(path: str) -> float:
+def _throughput_from_json(path: str, project: str, cfg) -> float:
+    """tokens/s of a `throughput.py --json` file, which must describe this project, preset and seq_len."""
     if not os.path.isfile(path):
         raise UserError(f"no throughput JSON at {path}")
     try:
@@ -124,6 +125,10 @@ def _throughput_from_json(path: str) -> float:
         raise UserError(f"cannot read {path} as a throughput JSON: {e}") from None
     if not isinstance(data, dict) or not data.get("tokens_per_second"):
         raise UserError(f"{path} holds no tokens_per_second (was it written by throughput.py --json?)")
+    wanted = {"project": project, "preset": cfg.preset, "seq_len": cfg.seq_len}
+    differ = [f"{k} {data[k]} (not {v})" for k, v in wanted.items() if k in data and data[k] != v]
+    if differ:
+        raise UserError(f"{path} measured another config: {', '.join(differ)}")
     return float(data["tokens_per_second"])
 
 
@@ -157,7 +162,7 @@ def _resolve_throughput(project: str, cfg, opts) -> tuple[float, str]:
     if opts.tokens_per_second > 0:
         return opts.tokens_per_second, "given by --tokens_per_second"
     if opts.throughput_json:
-        return _throughput_from_json(opts.throughput_json), f"read from {opts.throughput_json}"
+        return _throughput_from_json(opts.throughput_json, project, cfg), f"read from {opts.throughput_json}"
     if opts.calibrate:
         reference = opts.reference_preset or (
             cfg.preset if reference_tokens_per_second(project, cfg.preset) else "small"
