@@ -8,8 +8,9 @@ import torch
 from languini.common_lib import hardware
 from languini.common_lib.compute_classes import THROUGHPUT_CLASS_HOURS, steps_for
 from languini.common_lib.flops import analytic_gpt_training_flops, build_model, param_counts
-from languini.common_lib.throughput import detach_state, main, split_tool_flags
+from languini.common_lib.throughput import main, split_tool_flags
 from languini.projects.gpt.configs import load_config
+from languini.train_lib.state import detach_state
 
 FAST = ["--device", "cpu", "--seq_len", "32", "--steps", "2", "--warmup", "1"]
 
@@ -79,7 +80,7 @@ def test_detach_state_handles_nested_states():
         (["gpt", "nanoo"], "unknown preset 'nanoo'"),
         (["gpt", "nano", "--device", "tpu"], "--device must be one of"),
         (["gpt", "nano", "--steps", "many"], "--steps expects int"),
-        (["gpt", "nano", "--train_batch_size", "3", "--gradient_accumulation_steps", "2"], "not divisible"),
+        (["gpt", "nano", "--train_batch_size", "3", "--gradient_accumulation_steps", "2"], "must be divisible by processes x accumulation steps"),
     ],
 )
 def test_mistakes_exit_2_with_one_line(argv, message, capsys):

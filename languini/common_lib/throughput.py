@@ -22,7 +22,6 @@ from languini.common_lib.atomic_io import atomic_write_json
 from languini.common_lib.compute_classes import REFERENCE_GPU, THROUGHPUT_CLASS_HOURS, steps_for
 from languini.common_lib.config import parse_config
 from languini.common_lib.device import (
-    autocast_context,
     device_name,
     resolve_device,
     resolve_precision,
@@ -31,8 +30,9 @@ from languini.common_lib.device import (
 from languini.common_lib.errors import UserError, exit_on_user_error
 from languini.common_lib.flops import build_model, count_step_flops, param_counts
 from languini.common_lib.projects import check_project, import_project_module
-from languini.train_lib.compile import compile_loss, compile_model
-from languini.train_lib.optim import build_optimizer
+from languini.train_lib.distributed import World
+from languini.train_lib.random_batches import RandomBatches
+from languini.train_lib.trainer import Trainer, check_batch_layout
 
 OOM_EXIT_CODE = 3  # the sweep reads this as "did not fit"
 
@@ -117,28 +117,10 @@ def parse_tool_args(argv: list[str], usage: str, tool_flags: dict):
 # Measurement
 
 
-def detach_state(state):
-    """Detach a recurrent state (tensor, or nested tuples/lists of tensors) from the graph."""
-    if state is None:
-        return None
-    if isinstance(state, torch.Tensor):
-        return state.detach()
-    return type(state)(detach_state(s) for s in state)
-
-
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _micro_batch_size(cfg) -> int:
-    if cfg.train_batch_size % cfg.gradient_accumulation_steps:
-        raise UserError(
-            f"train_batch_size {cfg.train_batch_size} is not divisible by "
-            f"gradient_accumulation_steps {cfg.gradient_accumulation_steps}"
-        )
-    return cfg.train_batch_size // cfg.gradient_accumulation_steps
 
 
 def _timed_steps(step_fn, device, steps: int, warmup: int, progress: bool) -> list[float]:
@@ -159,35 +141,22 @@ def _timed_steps(step_fn, device, steps: int, warmup: int, progress: bool) -> li
 
 
 def measure(project: str, cfg, steps: int = 0, warmup: int = -1, peak_tflops: float = 0.0, progress: bool = True):
-    """Measure one config's training throughput; returns the results as a JSON-able dict."""
+    """Time the trainer's own training step (`Trainer.train_step`: accumulation, autocast, compile, fused Adam,
+    pinned non-blocking copies) on random tokens; returns the results as a JSON-able dict."""
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    micro_batch = _micro_batch_size(cfg)
+    check_batch_layout(cfg, 1)
     accumulation = cfg.gradient_accumulation_steps
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # as the trainer does (only fp32 matmuls change)
-        torch.backends.cudnn.allow_tf32 = True
         torch.cuda.reset_peak_memory_stats(device)
 
     model = build_model(project, cfg, device)
     total_params, non_embedding_params = param_counts(model, cfg.vocab_size)
-    optimizer = build_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    forward, loss_fn = compile_model(model, cfg.compile), compile_loss(cfg.compile)  # as the trainer does
-    tokens = torch.randint(0, cfg.vocab_size, (accumulation, micro_batch, cfg.seq_len + 1), device=device)
-    states = [model.get_init_state(micro_batch, device) for _ in range(accumulation)]
+    trainer = Trainer(cfg, model, World(), device, precision, "", "", train_loader=RandomBatches(cfg))
 
     def train_step():
-        for m in range(accumulation):
-            with autocast_context(precision, device):
-                logits, states[m] = forward(tokens[m, :, :-1], states[m])
-            loss = loss_fn(logits, tokens[m, :, 1:]) / accumulation
-            scaler.scale(loss).backward()
-            states[m] = detach_state(states[m])
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        trainer.train_step(want_norms=False)
 
     warmup = warmup if warmup >= 0 else (8 if cfg.compile != "none" else 3)
     times = _timed_steps(train_step, device, steps, warmup, progress)

@@ -57,9 +57,6 @@ def _train(cfg, Model, world, argv: list[str]) -> int:
     check_sinks(cfg.logger_type)
     device = resolve_device(cfg.device, world.local_rank)
     precision = resolve_precision(cfg.precision, device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # only affects fp32 matmuls (bf16 autocast is unchanged)
-        torch.backends.cudnn.allow_tf32 = True
     init_distributed(world, device)
 
     run_dir = run_folder.resolve_run_dir(cfg)

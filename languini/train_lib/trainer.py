@@ -81,6 +81,9 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self.autocast = lambda: autocast_context(precision, device)
+        if device.type == "cuda":  # TF32 only changes fp32 matmuls; bf16/fp16 autocast is unaffected
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
 
         self.eval_model = compile_model(model, cfg.compile)  # in place: names stay clean
         self.loss_fn = compile_loss(cfg.compile)
