@@ -14,11 +14,10 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 
 import torch
 
-from languini.common_lib.device import device_name, resolve_device, synchronize
+from languini.common_lib.device import device_name, resolve_device, seconds_per_call
 from languini.common_lib.errors import exit_on_user_error
 from languini.projects.lstm.configs import load_config
 from languini.projects.lstm.model import Model
@@ -53,19 +52,7 @@ def tokens_per_second(config, device, batch_size: int, warmup: int, steps: int) 
         lm_loss(logits, x[:, 1:]).backward()
         model.zero_grad(set_to_none=True)
 
-    return batch_size * config.seq_len / _timed(step, device, warmup, steps)
-
-
-def _timed(step, device, warmup: int, steps: int) -> float:
-    """Seconds per call of `step`, after `warmup` untimed calls."""
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    return (time.perf_counter() - start) / steps
+    return batch_size * config.seq_len / seconds_per_call(step, device, warmup, steps)
 
 
 def scan_tokens_per_second(config, device, batch_size: int, warmup: int, steps: int) -> dict:
@@ -82,7 +69,7 @@ def scan_tokens_per_second(config, device, batch_size: int, warmup: int, steps: 
     }
     out = {}
     for name, scan in scans.items():
-        seconds = _timed(lambda scan=scan: scan().sum().backward(), device, warmup, steps)
+        seconds = seconds_per_call(lambda scan=scan: scan().sum().backward(), device, warmup, steps)
         out[name] = round(batch_size * config.seq_len / seconds)
     for name in ("block_parallel_matrix", "block_parallel_steps"):
         out[f"speedup_{name.removeprefix('block_parallel_')}_vs_loop"] = round(out[name] / out["loop"], 2)

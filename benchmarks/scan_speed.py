@@ -15,13 +15,12 @@ import functools
 import importlib.util
 import json
 import sys
-import time
 
 import torch
 from tqdm import tqdm
 
 from languini.common_lib.atomic_io import atomic_write_json
-from languini.common_lib.device import device_name, resolve_device, synchronize
+from languini.common_lib.device import device_name, resolve_device, seconds_per_call
 from languini.common_lib.errors import exit_on_user_error
 from languini.projects.lstm.scans import scan_block_parallel, scan_reference
 
@@ -46,18 +45,6 @@ def available_kernels(device: torch.device, block_length: int) -> tuple[dict, di
     return kernels, skipped
 
 
-def time_ms(fn, device: torch.device, warmup: int, steps: int) -> float:
-    """Mean wall time of `fn()` in ms over `steps` calls after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    synchronize(device)
-    return (time.perf_counter() - start) / steps * 1e3
-
-
 def measure(kernel, inputs: dict, device: torch.device, warmup: int, steps: int) -> dict:
     f, u, c0, grad_c = inputs["f"], inputs["u"], inputs["c0"], inputs["grad_c"]
     leaves = [t.detach().requires_grad_() for t in (f, u, c0)]
@@ -69,8 +56,8 @@ def measure(kernel, inputs: dict, device: torch.device, warmup: int, steps: int)
     def forward_backward():
         torch.autograd.grad(kernel(*leaves), leaves, grad_c)
 
-    fwd_ms = time_ms(forward, device, warmup, steps)
-    fwd_bwd_ms = time_ms(forward_backward, device, warmup, steps)
+    fwd_ms = seconds_per_call(forward, device, warmup, steps) * 1e3
+    fwd_bwd_ms = seconds_per_call(forward_backward, device, warmup, steps) * 1e3
     item, n = f.element_size(), f.numel()
     fwd_bytes, bwd_bytes = 3 * n * item, 5 * n * item
     return {

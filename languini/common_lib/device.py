@@ -1,6 +1,7 @@
 """Device and precision choices, kept out of model code (the trainer and tools wire them in)."""
 
 import contextlib
+import time
 
 import torch
 
@@ -51,3 +52,15 @@ def device_name(device: torch.device) -> str:
 def synchronize(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def seconds_per_call(fn, device: torch.device, warmup: int, steps: int) -> float:
+    """Mean wall time of `fn()` over `steps` calls after `warmup` untimed ones, the device synchronised."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / steps
