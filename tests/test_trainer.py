@@ -2,16 +2,14 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import zipfile
 
 import numpy as np
 import pytest
 import torch
-from conftest import write_bigram_corpus
+from conftest import nano_demo_args, sigkill_once_paused, write_bigram_corpus
 
 from languini.common_lib.config import load_config_json
 from languini.projects.gpt import configs as gpt_configs
@@ -196,15 +194,7 @@ def test_resume_after_sigkill_is_bit_identical(synthetic_corpus, tmp_path):
 
     # 10 steps checkpointed, 13 logged, then killed mid-step 14: not a clean exit
     args = tiny_args(data_root, killed, 20, "--log_ckpt_every", "10")
-    proc = subprocess.Popen([sys.executable, "-c", PAUSING_TRAINER, *args], stdout=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.stdout.readline().strip() != "PAUSED":
-            assert proc.poll() is None, "the training process ended before pausing"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    sigkill_once_paused([sys.executable, "-c", PAUSING_TRAINER, *args])
     assert max(train_losses(killed)) == 13
     assert load_checkpoint(str(killed / "checkpoints" / "latest.pt"))["step"] == 10
 
@@ -293,13 +283,7 @@ def test_bf16_autocast_and_accumulation_run_on_cpu(synthetic_corpus, tmp_path):
 def test_nano_learns_the_demo_corpus(tmp_path, demo_data_root):
     """GPT nano on the demo corpus: the loss drops clearly within 100 steps, validation included."""
     run_dir = tmp_path / "run"
-    args = [
-        "nano", "--data_root", demo_data_root, "--max_train_steps", "100", "--decay_steps", "100",
-        "--warmup_steps", "10", "--max_lr", "3e-3", "--eval_every", "100", "--max_eval_steps", "4",
-        "--log_metrics_every", "1", "--logger_type", "none", "--no-progress_bar", "--device", "cpu",
-        "--run_dir", str(run_dir),
-    ]  # fmt: skip
-    assert run_main(args) == 0
+    assert run_main(nano_demo_args(demo_data_root, run_dir)) == 0
     losses = train_losses(run_dir)
     first, last = np.mean([losses[s] for s in (1, 2, 3)]), np.mean([losses[s] for s in (98, 99, 100)])
     assert last < first - 2.0, (first, last)
