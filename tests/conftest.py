@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from languini.dataset_lib.layout import END_OF_DOC, write_file_list, write_token_file
 
@@ -106,3 +107,13 @@ def sigkill_once_paused(command, timeout=120):
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """One intra-op thread: tiny models run many times faster on a shared box, and runs are comparable."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the subprocesses
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,14 +19,7 @@ LSTM_MAIN = os.path.join(REPO_ROOT, "languini", "projects", "lstm", "main.py")
 CELLS = {"quasi": [], "classic": ["--non_quasi"]}
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """One intra-op thread: tiny models run many times faster on a shared box, and runs are comparable."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the subprocesses
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def tiny_args(data_root, run_dir, steps, *extra):

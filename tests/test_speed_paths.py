@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_trainer import one_thread, run_main, train_losses  # noqa: F401  (one_thread: autouse fixture)
+from test_trainer import run_main, train_losses
 from torch.profiler import ProfilerActivity, profile
 
 from languini.common_lib.config import apply_overrides
@@ -24,6 +24,8 @@ from languini.train_lib.compile import compile_loss, compile_model
 from languini.train_lib.loss import lm_loss
 
 GPU_SH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu.sh")
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def _reference(logits, targets):
