@@ -7,8 +7,9 @@ import torch
 
 from languini.common_lib import hardware
 from languini.common_lib.compute_classes import THROUGHPUT_CLASS_HOURS, steps_for
+from languini.common_lib.config import split_tool_flags
 from languini.common_lib.flops import analytic_gpt_training_flops, build_model, param_counts
-from languini.common_lib.throughput import main, split_tool_flags
+from languini.common_lib.throughput import main
 from languini.projects.gpt.configs import load_config
 from languini.train_lib.state import detach_state
 

@@ -117,6 +117,40 @@ def parse_flags(cfg_cls, argv: list[str]) -> dict:
     return out
 
 
+def _typed(name: str, typ, raw: str):
+    try:
+        return typ(raw.replace("_", "")) if typ in (int, float) else typ(raw)
+    except ValueError:
+        raise UserError(f"--{name} expects {typ.__name__}, got '{raw}'") from None
+
+
+def split_tool_flags(argv: list[str], tool_flags: dict) -> tuple[dict, list[str]]:
+    """Take a tool's own flags ({name: (type, default, help)}) out of argv, before the config flags are
+    parsed: (their typed values with defaults, the remaining argv)."""
+    values = {name: default for name, (_, default, _) in tool_flags.items()}
+    rest, i = [], 0
+    while i < len(argv):
+        key, eq, inline = argv[i][2:].partition("=") if argv[i].startswith("--") else ("", "", "")
+        key = key.replace("-", "_")
+        if key not in tool_flags:
+            rest.append(argv[i])
+            i += 1
+            continue
+        typ = tool_flags[key][0]
+        if typ is bool:
+            values[key] = True
+            i += 1
+        elif eq:
+            values[key] = _typed(key, typ, inline)
+            i += 1
+        elif i + 1 < len(argv):
+            values[key] = _typed(key, typ, argv[i + 1])
+            i += 2
+        else:
+            raise UserError(f"--{key} needs a value ({typ.__name__})")
+    return values, rest
+
+
 def config_help(cfg_cls, presets: dict, prog: str, default_preset: str) -> str:
     """The --help text: the presets and every flag with its type, default and help."""
     lines = [

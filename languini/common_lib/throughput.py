@@ -20,14 +20,14 @@ from tqdm import tqdm
 from languini.common_lib import hardware
 from languini.common_lib.atomic_io import atomic_write_json
 from languini.common_lib.compute_classes import REFERENCE_GPU, THROUGHPUT_CLASS_HOURS, steps_for
-from languini.common_lib.config import parse_config
+from languini.common_lib.config import parse_config, split_tool_flags
 from languini.common_lib.device import (
     device_name,
     resolve_device,
     resolve_precision,
     synchronize,
 )
-from languini.common_lib.errors import UserError, exit_on_user_error
+from languini.common_lib.errors import exit_on_user_error
 from languini.common_lib.flops import build_model, count_step_flops, param_counts
 from languini.common_lib.projects import check_project, import_project_module
 from languini.train_lib.distributed import World
@@ -56,39 +56,6 @@ def _tool_usage(usage: str, tool_flags: dict) -> str:
         lines.append(f"  {flag:<38} {help_text} (default: {default!r})")
     lines.append("\nPROJECT is a folder of languini/projects; PRESET and --flags are the project's config.")
     return "\n".join(lines)
-
-
-def _convert(name: str, typ, raw: str):
-    try:
-        return typ(raw.replace("_", "")) if typ in (int, float) else typ(raw)
-    except ValueError:
-        raise UserError(f"--{name} expects {typ.__name__}, got '{raw}'") from None
-
-
-def split_tool_flags(argv: list[str], tool_flags: dict) -> tuple[dict, list[str]]:
-    """Take the tool's own flags out of argv: (their typed values with defaults, the remaining argv)."""
-    values = {name: default for name, (_, default, _) in tool_flags.items()}
-    rest, i = [], 0
-    while i < len(argv):
-        key, eq, inline = argv[i][2:].partition("=") if argv[i].startswith("--") else ("", "", "")
-        key = key.replace("-", "_")
-        if key not in tool_flags:
-            rest.append(argv[i])
-            i += 1
-            continue
-        typ = tool_flags[key][0]
-        if typ is bool:
-            values[key] = True
-            i += 1
-        elif eq:
-            values[key] = _convert(key, typ, inline)
-            i += 1
-        elif i + 1 < len(argv):
-            values[key] = _convert(key, typ, argv[i + 1])
-            i += 2
-        else:
-            raise UserError(f"--{key} needs a value ({typ.__name__})")
-    return values, rest
 
 
 class ToolOptions(dict):

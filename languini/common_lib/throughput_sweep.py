@@ -20,9 +20,10 @@ from collections.abc import Callable
 import torch
 
 from languini.common_lib.atomic_io import atomic_write_text
+from languini.common_lib.config import split_tool_flags
 from languini.common_lib.errors import UserError, exit_on_user_error
 from languini.common_lib.projects import project_dir
-from languini.common_lib.throughput import OOM_EXIT_CODE, THROUGHPUT_FLAGS, parse_tool_args, split_tool_flags
+from languini.common_lib.throughput import OOM_EXIT_CODE, THROUGHPUT_FLAGS, parse_tool_args
 from languini.train_lib.train_config import TrainConfig
 
 SWEEP_FLAGS = {

@@ -138,18 +138,15 @@ def git_revision(env: dict) -> str:
 
 def count_params(config: dict) -> int:
     """Build the project's model on the meta device (no memory) and count its parameters."""
-    import torch
-
     from languini.common_lib.config import apply_overrides
+    from languini.common_lib.flops import build_model, param_counts
     from languini.common_lib.projects import import_project_module
 
     project = config.get("project")
     cfg_cls = import_project_module(project, "configs").Config
     known = {k: v for k, v in config.items() if k in cfg_cls.__dataclass_fields__}
     cfg = apply_overrides(cfg_cls(), known)
-    with torch.device("meta"):
-        model = import_project_module(project, "model").Model(cfg)
-    return sum(p.numel() for p in model.parameters())
+    return param_counts(build_model(project, cfg, "meta"), cfg.vocab_size)[0]
 
 
 def _read_json(path: str, what: str, warnings: list[str], name: str) -> dict:

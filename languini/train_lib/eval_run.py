@@ -15,7 +15,7 @@ import time
 import torch
 
 from languini.common_lib.atomic_io import atomic_write_json
-from languini.common_lib.config import apply_overrides, load_config_json, parse_flags
+from languini.common_lib.config import apply_overrides, load_config_json, parse_flags, split_tool_flags
 from languini.common_lib.device import autocast_context, resolve_device, resolve_precision
 from languini.common_lib.errors import UserError
 from languini.dataset_lib import layout
@@ -28,7 +28,11 @@ from languini.train_lib.final_eval import PROTOCOLS
 from languini.train_lib.run_folder import CHECKPOINT_NAME
 from languini.train_lib.train_config import check_config
 
-EVAL_FLAGS = ("run_dir", "checkpoint", "config")
+EVAL_FLAGS = {  # eval's own flags, taken out before the config flags
+    "run_dir": (str, "", "the run folder (config.json, checkpoints/latest.pt)"),
+    "checkpoint": (str, "", "a checkpoint file instead of the run folder's"),
+    "config": (str, "", "a config.json instead of the run folder's"),
+}
 USAGE = """usage: eval.py --run_dir DIR [--checkpoint PATH] [--eval_data_split S|all] [--last_n N] [--flags]
        eval.py --checkpoint PATH --config PATH [...]
 
@@ -45,24 +49,6 @@ TABLE_COLUMNS = [
     ("normalised_loss", "{:.4f}"), ("normalised_ppl", "{:.4f}"), ("bits_per_byte", "{:.4f}"),
     ("top1", "{:.4f}"), ("top10", "{:.4f}"),
 ]  # fmt: skip
-
-
-def _pop_eval_flags(argv: list[str]) -> tuple[dict, list[str]]:
-    """Split `--run_dir/--checkpoint/--config` (eval's own flags) from the config flags."""
-    own, rest, i = {}, [], 0
-    while i < len(argv):
-        key, eq, value = argv[i].partition("=")
-        name = key[2:].replace("-", "_") if key.startswith("--") else ""
-        if name in EVAL_FLAGS:
-            if not eq:
-                if i + 1 >= len(argv):
-                    raise UserError(f"--{name} needs a path")
-                value, i = argv[i + 1], i + 1
-            own[name] = value
-        else:
-            rest.append(argv[i])
-        i += 1
-    return own, rest
 
 
 def _locate(own: dict) -> tuple[str, str, str]:
@@ -128,7 +114,7 @@ def run_eval(configs_module, Model, argv, protocol: str) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0
-    own, rest = _pop_eval_flags(argv)
+    own, rest = split_tool_flags(argv, EVAL_FLAGS)
     config_path, checkpoint, out_dir = _locate(own)
     cfg = load_config_json(configs_module.Config, config_path)
     cfg = apply_overrides(cfg, parse_flags(configs_module.Config, rest))
