@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from languini.common_lib.device import device_name, resolve_device, seconds_per_call
+from languini.common_lib.device import configure_device, device_name, resolve_device, seconds_per_call
 from languini.common_lib.errors import exit_on_user_error
 from languini.projects.lstm.configs import load_config
 from languini.projects.lstm.model import Model
@@ -62,6 +62,7 @@ def scan_tokens_per_second(config, device, batch_size: int, warmup: int, steps: 
     f = torch.sigmoid(torch.randn(shape, generator=gen, device=device) + 1).requires_grad_()
     u = torch.randn(shape, generator=gen, device=device).requires_grad_()
     c0 = torch.zeros(shape[0], shape[2], device=device)
+    grad_c = torch.randn(shape, generator=gen, device=device)  # as from the layer above: contiguous
     scans = {
         "block_parallel_matrix": lambda: scan_block_parallel(f, u, c0, config.block_length, "matrix"),
         "block_parallel_steps": lambda: scan_block_parallel(f, u, c0, config.block_length, "steps"),
@@ -69,7 +70,8 @@ def scan_tokens_per_second(config, device, batch_size: int, warmup: int, steps: 
     }
     out = {}
     for name, scan in scans.items():
-        seconds = seconds_per_call(lambda scan=scan: scan().sum().backward(), device, warmup, steps)
+        # a scan takes milliseconds: at least 20 timed calls, or the figure is mostly noise
+        seconds = seconds_per_call(lambda scan=scan: scan().backward(grad_c), device, warmup + 2, max(steps, 20))
         out[name] = round(batch_size * config.seq_len / seconds)
     for name in ("block_parallel_matrix", "block_parallel_steps"):
         out[f"speedup_{name.removeprefix('block_parallel_')}_vs_loop"] = round(out[name] / out["loop"], 2)
@@ -98,6 +100,7 @@ def main(argv=None):
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    configure_device(device)  # as the trainer does
     variants = dict(VARIANTS)
     if device.type == "cuda" and _has_triton():
         variants["quasi_triton"] = dict(scan="triton")

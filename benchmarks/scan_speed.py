@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from languini.common_lib.atomic_io import atomic_write_json
-from languini.common_lib.device import device_name, resolve_device, seconds_per_call
+from languini.common_lib.device import configure_device, device_name, resolve_device, seconds_per_call
 from languini.common_lib.errors import exit_on_user_error
 from languini.projects.lstm.scans import scan_block_parallel, scan_reference
 
@@ -91,6 +91,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     device = resolve_device(args.device)
+    configure_device(device)  # as the trainer does
     torch.manual_seed(0)
     shape = (args.batch_size, args.seq_len, args.width)
     inputs = {

@@ -5,6 +5,7 @@ import time
 
 import torch
 
+from languini.common_lib.cpu_heap import keep_cpu_heap
 from languini.common_lib.errors import UserError
 
 
@@ -19,6 +20,16 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     raise UserError(f"unknown device '{name}'; valid: auto, cpu, cuda")
+
+
+def configure_device(device: torch.device):
+    """Process-wide speed settings for `device`: TF32 for fp32 matmuls on CUDA (bf16/fp16 autocast is
+    unaffected); on CPU, a heap that keeps freed pages (see cpu_heap.py)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    elif device.type == "cpu":
+        keep_cpu_heap()
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

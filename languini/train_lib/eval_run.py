@@ -16,7 +16,7 @@ import torch
 
 from languini.common_lib.atomic_io import atomic_write_json
 from languini.common_lib.config import apply_overrides, load_config_json, parse_flags, split_tool_flags
-from languini.common_lib.device import autocast_context, resolve_device, resolve_precision
+from languini.common_lib.device import autocast_context, configure_device, resolve_device, resolve_precision
 from languini.common_lib.errors import UserError
 from languini.dataset_lib import layout
 from languini.dataset_lib.languini_books import read_split_tokens
@@ -124,6 +124,7 @@ def run_eval(configs_module, Model, argv, protocol: str) -> int:
     world = world_from_env()
     device = resolve_device(cfg.device, world.local_rank)
     precision = resolve_precision(cfg.precision, device)
+    configure_device(device)
     init_distributed(world, device)
     try:
         model, step = _load_model(Model, cfg, checkpoint, device)

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from languini.common_lib.config import config_to_dict
-from languini.common_lib.device import autocast_context
+from languini.common_lib.device import autocast_context, configure_device
 from languini.common_lib.errors import UserError
 from languini.dataset_lib.languini_books import LanguiniDatasetIterator, stream_indices
 from languini.train_lib import checkpoint as ckpt
@@ -81,9 +81,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self.autocast = lambda: autocast_context(precision, device)
-        if device.type == "cuda":  # TF32 only changes fp32 matmuls; bf16/fp16 autocast is unaffected
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        configure_device(device)
 
         self.eval_model = compile_model(model, cfg.compile)  # in place: names stay clean
         self.loss_fn = compile_loss(cfg.compile)

@@ -4,15 +4,18 @@
 `scan_block_parallel` splits time into blocks of `block_length` steps. Each block acts on the c that
 enters it as one step, c_out = (f_1 ... f_L) c_in + (its result from c_in = 0), so the c entering every
 block follows the same recurrence one level up, over blocks, and is scanned by the same function:
-T steps take about log_L(T) levels instead of T sequential steps. A block's own steps are computed
-one of two ways, with the same result:
+T steps take about log_L(T) levels instead of T sequential steps (the "steps" form below walks a level
+of at most 2L blocks step by step instead, which costs less than padding and two more passes).
+A block's own steps are computed one of two ways, with the same result:
 - "matrix" (the default on CUDA): all steps at once. Every product of forget gates f_{s+1} ... f_t is
   taken in log space, a sum of log f over the causal lower triangle (one GEMM with a 0/1 selector),
   then exponentiated; every exponent is <= 0 (log f <= 0, non-causal pairs are masked to -inf before
   exp), so nothing overflows and nothing is divided by a small number. A block is a few batched ops.
 - "steps" (the default elsewhere): the L steps of a block in sequence, for all blocks at once. On a CPU
   a small op costs microseconds, not a kernel launch, and the matrix form's L x L exps per block cost
-  more than they save: measured, "steps" is 5-20x faster there than "matrix".
+  more than they save: measured (benchmarks/lstm_speed.py), "steps" is 25-35x faster there than
+  "matrix". It runs backwards in time for the backward pass by walking the blocks in reverse, with
+  no flipped copies, and writes each step into its slot of the output (no stacking).
 
 Its backward pass is written out rather than left to autograd: the gradient g_t = dL/dc_t obeys the
 same recurrence run backwards in time, g_t = dL/dc_t|direct + f_{t+1} g_{t+1}, so it reuses the block
@@ -82,56 +85,82 @@ def _blocks_by_matrix(f: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, t
     return local.view(f.shape), log_f.cumsum(dim=1).exp().view(f.shape)
 
 
-def _steps(f: torch.Tensor, u: torch.Tensor, c: torch.Tensor, keep_all: bool) -> torch.Tensor:
-    """The recurrence over dim -2 of [..., L, N], every block at once: all L states, or only the last."""
-    steps = []
-    for f_t, u_t in zip(f.unbind(-2), u.unbind(-2)):
-        c = torch.addcmul(u_t, f_t, c)
-        steps.append(c)
-    return torch.stack(steps, dim=-2) if keep_all else c
-
-
-def _block_scan(
-    f: torch.Tensor, u: torch.Tensor, c0: torch.Tensor, block_length: int, within: str
-) -> torch.Tensor:
-    """Forward computation of the block-parallel scan (no autograd: see `_BlockParallelScan`).
-
-    Any time length works: the tail block is padded with f=1, u=0, which leaves the real steps unchanged.
-    """
+def _pad_to_blocks(f: torch.Tensor, u: torch.Tensor, block_length: int):
+    """f, u [batch, T, N] -> [batch, blocks, L, N], the tail padded with f=1, u=0 (no effect on c)."""
     batch, length, width = f.shape
     n_blocks = -(-length // block_length)
     pad = n_blocks * block_length - length
     if pad:
         f = F.pad(f, (0, 0, 0, pad), value=1.0)
         u = F.pad(u, (0, 0, 0, pad), value=0.0)
-    f = f.reshape(batch, n_blocks, block_length, width)
-    u = u.reshape(batch, n_blocks, block_length, width)
+    shape = (batch, n_blocks, block_length, width)
+    return f.reshape(shape), u.reshape(shape)
 
-    # Each block as one step over its length: c_out = (f_1 ... f_L) c_in + (its result from c_in = 0).
-    if within == "matrix":
-        local, decay = _blocks_by_matrix(f, u)
-        block_f, block_u = decay[:, :, -1], local[:, :, -1]
-    else:
-        block_f, block_u = f.prod(dim=2), _steps(f, u, torch.zeros_like(u[:, :, 0]), keep_all=False)
 
+def _scan_by_matrix(f: torch.Tensor, u: torch.Tensor, c0: torch.Tensor, block_length: int) -> torch.Tensor:
+    """Forward computation of the block-parallel scan, a block's steps all at once (see the docstring)."""
+    batch, length, width = f.shape
+    f, u = _pad_to_blocks(f, u, block_length)
+    local, decay = _blocks_by_matrix(f, u)
     # The c entering each block obeys the same recurrence one level up, over blocks, so it is scanned by
     # this same function: T steps take about log_L(T) levels of blocks, not T / L sequential steps.
     entering = c0.unsqueeze(1)
-    if n_blocks > 1:
-        ends = _block_scan(block_f[:, :-1], block_u[:, :-1], c0, max(block_length, 2), within)
+    if f.shape[1] > 1:
+        ends = _scan_by_matrix(decay[:, :-1, -1], local[:, :-1, -1], c0, max(block_length, 2))
         entering = torch.cat([entering, ends], dim=1)
+    out = local + decay * entering.unsqueeze(2)
+    return out.view(batch, -1, width)[:, :length]
 
-    if within == "matrix":
-        out = local + decay * entering.unsqueeze(2)
-    else:
-        out = _steps(f, u, entering, keep_all=True)
-    return out.view(batch, n_blocks * block_length, width)[:, :length]
+
+def _scan_by_steps(
+    f: torch.Tensor, u: torch.Tensor, c0: torch.Tensor, block_length: int, reverse: bool = False
+) -> torch.Tensor:
+    """Forward computation of the block-parallel scan, a block's steps one at a time for all blocks.
+
+    reverse=True runs time backwards, c_t = f_t c_{t+1} + u_t from c0 after the last step, without
+    flipping any tensor (a flip is a full copy, and on a CPU a slow one). Every step writes straight into
+    its slot of the output, so nothing is stacked or concatenated.
+    """
+    batch, length, width = f.shape
+    block_length = min(block_length, length)  # a sequence shorter than a block is one unpadded block
+    f, u = _pad_to_blocks(f, u, block_length)
+    n_blocks = f.shape[1]
+    order = range(block_length - 1, -1, -1) if reverse else range(block_length)
+
+    entering = torch.empty_like(f[:, :, 0])  # the c entering each block
+    entering[:, -1 if reverse else 0] = c0
+    if n_blocks > 1:
+        # Each block as one step over its length: c_out = (f_1 ... f_L) c_in + (its result from c_in = 0)
+        # (the block that would enter no other is skipped) ...
+        feeding, fed = (slice(1, None), slice(None, -1)) if reverse else (slice(None, -1), slice(1, None))
+        f_steps, u_steps = f[:, feeding].unbind(2), u[:, feeding].unbind(2)
+        first, *rest = order
+        block_u = u_steps[first]
+        for t in rest:
+            block_u = torch.addcmul(u_steps[t], f_steps[t], block_u)
+        # ... so the c entering each block follows the same recurrence over blocks: stepped through when
+        # the blocks are few (T=512, L=16: 31 steps cost less than another level's padding and two
+        # passes), else scanned in blocks again (about log_L(T) levels).
+        block_f = f[:, feeding].prod(dim=2)
+        few = n_blocks - 1 <= 2 * block_length
+        next_length = n_blocks - 1 if few else max(block_length, 2)
+        entering[:, fed] = _scan_by_steps(block_f, block_u, c0, next_length, reverse)
+
+    out = torch.empty_like(f)
+    f_steps, u_steps, out_steps = f.unbind(2), u.unbind(2), out.unbind(2)
+    c = entering
+    for t in order:
+        c = torch.addcmul(u_steps[t], f_steps[t], c, out=out_steps[t])
+    return out.view(batch, -1, width)[:, :length]
 
 
 class _BlockParallelScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, f, u, c0, block_length, within):
-        c = _block_scan(f, u, c0, block_length, within)
+        if within == "matrix":
+            c = _scan_by_matrix(f, u, c0, block_length)
+        else:
+            c = _scan_by_steps(f, u, c0, block_length)
         ctx.save_for_backward(f, c0, c)
         ctx.block_length, ctx.within = block_length, within
         return c
@@ -140,10 +169,15 @@ class _BlockParallelScan(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_c):
         f, c0, c = ctx.saved_tensors
-        # g_t = grad_c_t + f_{t+1} g_{t+1}: the forward scan on time-reversed inputs, started from g = 0.
-        f_next = torch.cat([f[:, 1:], torch.ones_like(f[:, :1])], dim=1)
-        g = _block_scan(f_next.flip(1), grad_c.flip(1), torch.zeros_like(c0), ctx.block_length, ctx.within)
-        g = g.flip(1)
+        # g_t = grad_c_t + f_{t+1} g_{t+1}: the same scan run backwards in time, from g = 0 after the end.
+        f_next = torch.empty_like(f)
+        f_next[:, :-1] = f[:, 1:]
+        f_next[:, -1] = 1.0
+        zeros = torch.zeros_like(c0)
+        if ctx.within == "matrix":  # flips are cheap on a GPU
+            g = _scan_by_matrix(f_next.flip(1), grad_c.flip(1), zeros, ctx.block_length).flip(1)
+        else:
+            g = _scan_by_steps(f_next, grad_c, zeros, ctx.block_length, reverse=True)
         grad_f = torch.empty_like(f)  # g_t * c_{t-1}, written in two parts to save a concatenated copy
         torch.mul(g[:, 1:], c[:, :-1], out=grad_f[:, 1:])
         grad_f[:, 0] = g[:, 0] * c0
