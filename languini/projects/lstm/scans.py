@@ -115,7 +115,8 @@ def _scan_by_matrix(f: torch.Tensor, u: torch.Tensor, c0: torch.Tensor, block_le
 def _scan_by_steps(
     f: torch.Tensor, u: torch.Tensor, c0: torch.Tensor, block_length: int, reverse: bool = False
 ) -> torch.Tensor:
-    """Forward computation of the block-parallel scan, a block's steps one at a time for all blocks.
+    """The block-parallel scan without autograd (see `_BlockParallelScan`), a block's steps one at a
+    time for all blocks together.
 
     reverse=True runs time backwards, c_t = f_t c_{t+1} + u_t from c0 after the last step, without
     flipping any tensor (a flip is a full copy, and on a CPU a slow one). Every step writes straight into
