@@ -98,7 +98,7 @@ def _pad_to_blocks(f: torch.Tensor, u: torch.Tensor, block_length: int):
 
 
 def _scan_by_matrix(f: torch.Tensor, u: torch.Tensor, c0: torch.Tensor, block_length: int) -> torch.Tensor:
-    """Forward computation of the block-parallel scan, a block's steps all at once (see the docstring)."""
+    """The block-parallel scan without autograd, a block's steps all at once (see the module docstring)."""
     batch, length, width = f.shape
     f, u = _pad_to_blocks(f, u, block_length)
     local, decay = _blocks_by_matrix(f, u)
