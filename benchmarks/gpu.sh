@@ -50,7 +50,7 @@ for i in "${!RUNS[@]}"; do
   read -r project preset batch extra <<< "${RUNS[$i]}"
   read -r -a extra_flags <<< "${extra:-}"
   echo "== throughput: $project $preset, train_batch_size $batch ${extra:-}"
-  timeout "$RUN_TIMEOUT" python3 -m languini.common_lib.throughput "$project" "$preset" \
+  timeout "$RUN_TIMEOUT" python3 -m languini.tools.throughput "$project" "$preset" \
     --train_batch_size "$batch" "${FLAGS[@]}" "${extra_flags[@]}" --json "$WORK/run$i.json" \
     || echo "   failed or timed out: $project $preset ${extra:-} (exit $?)"
 done
@@ -59,7 +59,7 @@ python3 - "$WORK" "$OUT_DIR" "$DRY_RUN" "$GPU_TESTS_RC" "${RUNS[@]}" <<'PYTHON'
 import json, os, re, sys
 
 from languini.common_lib.atomic_io import atomic_write_json
-from languini.common_lib.compute_classes import reference_tokens_per_second
+from languini.tools.compute_classes import reference_tokens_per_second
 
 work, out_dir, dry_run, gpu_tests_rc, runs = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]), sys.argv[5:]
 results, device, torch_version = [], None, None

@@ -19,7 +19,7 @@ import torch
 
 from languini.common_lib.device import configure_device, device_name, resolve_device, seconds_per_call
 from languini.common_lib.errors import exit_on_user_error
-from languini.projects.lstm.configs import load_config
+from languini.projects import load_project
 from languini.projects.lstm.model import Model
 from languini.projects.lstm.scans import scan_block_parallel, scan_reference
 from languini.train_lib.loss import lm_loss
@@ -106,7 +106,7 @@ def main(argv=None):
         variants["quasi_triton"] = dict(scan="triton")
     results = {}
     for preset in args.presets:
-        base = dataclasses.replace(load_config(preset), seq_len=args.seq_len)
+        base = dataclasses.replace(load_project("lstm").preset_config(preset), seq_len=args.seq_len)
         speeds = {
             name: round(tokens_per_second(dataclasses.replace(base, **overrides), device, args.batch_size,
                                           args.warmup, args.steps))

@@ -4,7 +4,7 @@
     python3 benchmarks/train_throughput.py gpt small --train_batch_size 64 --compile default --precision bf16
 
 Times `Trainer.train_step` exactly as training runs it (accumulation, autocast, compile, fused Adam, pinned
-non-blocking copies) on random tokens, through `languini.common_lib.throughput.measure`, and prints its
+non-blocking copies) on random tokens, through `languini.tools.throughput.measure`, and prints its
 results as one JSON object. `--quick`: 3 timed steps after 1 warm-up step.
 """
 
@@ -12,7 +12,8 @@ import json
 import sys
 
 from languini.common_lib.errors import exit_on_user_error
-from languini.common_lib.throughput import THROUGHPUT_FLAGS, measure, parse_tool_args
+from languini.tools.throughput import THROUGHPUT_FLAGS, measure
+from languini.tools.tool_args import parse_tool_args
 
 USAGE = "train_throughput.py PROJECT [PRESET] [--config flags] [--steps N] [--warmup N] [--quick]"
 

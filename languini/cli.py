@@ -6,18 +6,19 @@ import sys
 from languini.common_lib.errors import UserError, exit_on_user_error
 from languini.common_lib.suggest import did_you_mean
 
-# command -> (module, one-line description); modules are imported lazily so `languini --help` is instant.
+# command -> ("module:function", one-line description); modules are imported lazily so `languini --help`
+# is instant.
 COMMANDS = {
-    "quickstart": ("languini.quickstart", "prepare the demo corpus, train `nano` on CPU, evaluate, plot"),
-    "data": ("languini.dataset_lib.cli", "prepare / verify / inspect tokenised corpora"),
-    "train": ("languini.train_lib.launch", "train a project: languini train PROJECT [PRESET] [--flags]"),
-    "eval": ("languini.train_lib.launch_eval", "evaluate a run: languini eval PROJECT --run_dir DIR"),
-    "throughput": ("languini.common_lib.throughput", "measure training throughput, FLOPs and MFU"),
-    "sweep": ("languini.common_lib.throughput_sweep", "find the largest batch size and its throughput"),
-    "flops": ("languini.common_lib.flops_profile", "count FLOPs of a config"),
-    "steps": ("languini.common_lib.compute_classes", "turn a compute class (hours) into training steps"),
-    "report": ("languini.report_lib.report", "compare runs: tables and scaling plots"),
-    "new-project": ("languini.common_lib.new_project", "copy a project folder under a new name"),
+    "quickstart": ("languini.quickstart:main", "prepare the demo corpus, train `nano` on CPU, evaluate, plot"),
+    "data": ("languini.dataset_lib.cli:main", "prepare / verify / inspect tokenised corpora"),
+    "train": ("languini.tools.launch:train_main", "train a project: languini train PROJECT [PRESET] [--flags]"),
+    "eval": ("languini.tools.launch:eval_main", "evaluate a run: languini eval PROJECT --run_dir DIR"),
+    "throughput": ("languini.tools.throughput:main", "measure training throughput, FLOPs and MFU"),
+    "sweep": ("languini.tools.throughput_sweep:main", "find the largest batch size and its throughput"),
+    "flops": ("languini.tools.flops_profile:main", "count FLOPs of a config"),
+    "steps": ("languini.tools.steps:main", "turn a compute class (hours or FLOPs) into training steps"),
+    "report": ("languini.report_lib.report:main", "compare runs: tables and scaling plots"),
+    "new-project": ("languini.tools.new_project:main", "copy a project folder under a new name"),
 }
 
 
@@ -42,8 +43,8 @@ def main(argv=None):
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         raise UserError(f"unknown command '{name}'{did_you_mean(name, COMMANDS)}; valid: {', '.join(COMMANDS)}")
-    module = importlib.import_module(COMMANDS[name][0])
-    return module.main(rest)
+    module, _, function = COMMANDS[name][0].partition(":")
+    return getattr(importlib.import_module(module), function)(rest)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,12 @@ import sys
 import time
 
 from languini.common_lib.errors import UserError, exit_on_user_error
-from languini.common_lib.projects import import_project_module
 from languini.dataset_lib.layout import check_dataset
+from languini.projects import load_project
 from languini.report_lib.plots import plot_learning_curves
 from languini.report_lib.runs import load_run
+from languini.train_lib.eval_run import run_eval
+from languini.train_lib.run import run_training
 
 PRESET = "nano"
 DEFAULT_STEPS = 600
@@ -102,12 +104,8 @@ def main(argv=None):
         raise UserError(f"--steps must be at least 1, got {args.steps}")
 
     start = time.time()
-    configs = import_project_module(args.project, "configs")
-    if PRESET not in configs.PRESETS:
-        raise UserError(
-            f"project '{args.project}' has no '{PRESET}' preset; the quick start trains `{PRESET}`"
-        )
-    cfg = configs.load_config(PRESET)
+    spec = load_project(args.project)
+    cfg = spec.preset_config(PRESET)
     ensure_demo_data(cfg)
 
     print(
@@ -117,14 +115,12 @@ def main(argv=None):
     flags = train_flags(cfg, args.out, args.steps, args.device) + reuse_flags(
         args.out, args.project, args.steps, args.fresh
     )
-    code = import_project_module(args.project, "main").main(flags)
+    code = run_training(spec, flags)
     if code:
         return code
 
     print(f"[3/4] evaluating on the demo {EVAL_SPLIT} split", flush=True)
-    code = import_project_module(args.project, "eval").main(
-        ["--run_dir", args.out, "--eval_data_split", EVAL_SPLIT]
-    )
+    code = run_eval(spec, ["--run_dir", args.out, "--eval_data_split", EVAL_SPLIT])
     if code:
         return code
     with open(os.path.join(args.out, "eval", f"{EVAL_SPLIT}.json")) as f:

@@ -4,8 +4,8 @@ import pytest
 
 from languini.common_lib.config import load_config_json, parse_config, save_config
 from languini.common_lib.errors import UserError
+from languini.projects import load_project
 from languini.projects.gpt import configs as gpt_configs
-from languini.projects.lstm import configs as lstm_configs
 
 
 def parse(argv, mod=gpt_configs):
@@ -24,8 +24,8 @@ def test_preset_then_typed_flags():
     assert cfg.max_train_steps == 50000 and isinstance(cfg.max_train_steps, int)
 
 
-def test_load_config_gives_attribute_access():
-    c = lstm_configs.load_config("tiny")
+def test_preset_config_is_stamped_with_the_project_and_preset():
+    c = load_project("lstm").preset_config("tiny")
     assert c.block_length == 8 and c.project == "lstm" and c.preset == "tiny"
 
 

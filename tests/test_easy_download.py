@@ -3,7 +3,7 @@
 import os
 import subprocess
 
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 SCRIPT = os.path.join(REPO_ROOT, "languini", "dataset_lib", "easy_download_and_tokenise.sh")
 

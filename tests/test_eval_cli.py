@@ -12,16 +12,15 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
-from conftest import REPO_ROOT, make_synthetic_corpus
+from helpers import REPO_ROOT, make_synthetic_corpus
 
 from languini.common_lib.atomic_io import atomic_torch_save
 from languini.common_lib.config import apply_overrides, save_config
 from languini.common_lib.errors import UserError
 from languini.dataset_lib.languini_books import read_split_tokens
-from languini.projects.gpt import configs as gpt_configs
+from languini.projects import load_project
 from languini.projects.gpt import eval as gpt_eval
-from languini.projects.gpt.model import Model as GPT
-from languini.train_lib import launch_eval
+from languini.tools import launch
 from languini.train_lib.char_counts import load_token_lengths, token_lengths_from_processor
 
 RESULT_KEYS = {
@@ -135,7 +134,7 @@ def test_load_token_lengths_from_a_dataset_folder(tokenizer_model, tmp_path):
 # ---- eval.py end to end ---------------------------------------------------------------------------------
 
 
-def fabricate_run(run_dir, data_root, configs, Model, **overrides) -> str:
+def fabricate_run(run_dir, data_root, project, **overrides) -> str:
     """A run folder as the trainer leaves it: config.json and checkpoints/latest.pt of a fresh tiny model."""
     fields = dict(
         data_root=data_root,
@@ -148,11 +147,12 @@ def fabricate_run(run_dir, data_root, configs, Model, **overrides) -> str:
         precision="auto",
         **TINY_MODEL,
     )
-    cfg = apply_overrides(configs.load_config("nano"), {**fields, **overrides})
+    spec = load_project(project)
+    cfg = apply_overrides(spec.preset_config("nano"), {**fields, **overrides})
     save_config(cfg, os.path.join(run_dir, "config.json"))
     torch.manual_seed(0)
     atomic_torch_save(
-        os.path.join(run_dir, "checkpoints", "latest.pt"), {"model": Model(cfg).state_dict(), "step": 7}
+        os.path.join(run_dir, "checkpoints", "latest.pt"), {"model": spec.Model(cfg).state_dict(), "step": 7}
     )
     return str(run_dir)
 
@@ -164,7 +164,7 @@ def read_result(run_dir, split="test") -> dict:
 
 def test_gpt_eval_writes_the_results_of_the_run(synthetic_corpus, tmp_path, capsys):
     data_root, dataset_path = synthetic_corpus
-    run_dir = fabricate_run(tmp_path / "run", data_root, gpt_configs, GPT)
+    run_dir = fabricate_run(tmp_path / "run", data_root, "gpt")
 
     assert gpt_eval.main(["--run_dir", run_dir]) == 0
 
@@ -190,11 +190,11 @@ def test_gpt_eval_all_splits_with_character_metrics(tokenizer_model, tmp_path):
     )
     shutil.copy(tokenizer_model, os.path.join(dataset_path, "tokenizer.model"))
     run_dir = fabricate_run(
-        tmp_path / "run", data_root, gpt_configs, GPT, dataset="synth_300", vocab_size=300
+        tmp_path / "run", data_root, "gpt", dataset="synth_300", vocab_size=300
     )
 
     assert (
-        launch_eval.main(["gpt", "--run_dir", run_dir, "--eval_data_split", "all", "--test_batch_size", "3"])
+        launch.eval_main(["gpt", "--run_dir", run_dir, "--eval_data_split", "all", "--test_batch_size", "3"])
         == 0
     )
 
@@ -211,7 +211,7 @@ def test_gpt_eval_all_splits_with_character_metrics(tokenizer_model, tmp_path):
 
 
 def test_eval_from_checkpoint_and_config_writes_next_to_the_config(synthetic_corpus, tmp_path):
-    run_dir = fabricate_run(tmp_path / "run", synthetic_corpus[0], gpt_configs, GPT)
+    run_dir = fabricate_run(tmp_path / "run", synthetic_corpus[0], "gpt")
     ckpt = os.path.join(run_dir, "checkpoints", "latest.pt")
     assert (
         gpt_eval.main(
@@ -223,12 +223,10 @@ def test_eval_from_checkpoint_and_config_writes_next_to_the_config(synthetic_cor
 
 
 def test_lstm_eval_carries_the_state_through_the_split(synthetic_corpus, tmp_path):
-    from languini.projects.lstm import configs as lstm_configs
     from languini.projects.lstm import eval as lstm_eval
-    from languini.projects.lstm.model import Model as LSTM
 
     data_root, dataset_path = synthetic_corpus
-    run_dir = fabricate_run(tmp_path / "run", data_root, lstm_configs, LSTM, block_length=8)
+    run_dir = fabricate_run(tmp_path / "run", data_root, "lstm", block_length=8)
     assert lstm_eval.main(["--run_dir", run_dir]) == 0
     result = read_result(run_dir)
     assert (result["protocol"], result["last_n"]) == ("stateful", None)
@@ -246,7 +244,7 @@ def test_clear_errors(synthetic_corpus, tmp_path, capsys):
     assert "no run folder at" in run_main_expecting_error(["--run_dir", str(tmp_path / "nope")], capsys)
     assert "pass --run_dir DIR" in run_main_expecting_error([], capsys)
 
-    run_dir = fabricate_run(tmp_path / "run", synthetic_corpus[0], gpt_configs, GPT)
+    run_dir = fabricate_run(tmp_path / "run", synthetic_corpus[0], "gpt")
     err = run_main_expecting_error(["--run_dir", run_dir, "--eval_data_split", "tset"], capsys)
     assert "split 'tset' not found" in err and "test" in err
     assert "unknown flag '--lats_n'" in run_main_expecting_error(
@@ -260,14 +258,14 @@ def test_clear_errors(synthetic_corpus, tmp_path, capsys):
     os.remove(os.path.join(run_dir, "checkpoints", "latest.pt"))
     assert "no checkpoint at" in run_main_expecting_error(["--run_dir", run_dir], capsys)
     with pytest.raises(SystemExit):
-        launch_eval.main(["gtp", "--run_dir", run_dir])
+        launch.eval_main(["gtp", "--run_dir", run_dir])
     assert "unknown project 'gtp'" in capsys.readouterr().err
 
 
 def test_two_process_eval_sums_the_counts_of_both_ranks(synthetic_corpus, tmp_path):
     data_root, _ = synthetic_corpus
-    single = fabricate_run(tmp_path / "single", data_root, gpt_configs, GPT)
-    double = fabricate_run(tmp_path / "double", data_root, gpt_configs, GPT)
+    single = fabricate_run(tmp_path / "single", data_root, "gpt")
+    double = fabricate_run(tmp_path / "double", data_root, "gpt")
     assert gpt_eval.main(["--run_dir", single, "--test_batch_size", "4"]) == 0
     cmd = [
         sys.executable,

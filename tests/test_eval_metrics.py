@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import preset_config
 from torch import nn
 
 from languini.common_lib.config import apply_overrides
@@ -20,7 +21,6 @@ from languini.dataset_lib.languini_books import (
     stream_indices,
 )
 from languini.dataset_lib.layout import read_books
-from languini.projects.gpt.configs import load_config
 from languini.projects.gpt.model import Model as GPT
 from languini.train_lib.char_counts import TokenLengths
 from languini.train_lib.evaluation import evaluate_on_loader, metrics_from_sums, score_batch
@@ -42,7 +42,7 @@ def random_lengths(vocab_size: int, seed: int = 0) -> TokenLengths:
 
 def tiny_gpt(vocab_size=64, seq_len=16, seed=0):
     cfg = apply_overrides(
-        load_config("nano"),
+        preset_config("gpt", "nano"),
         dict(vocab_size=vocab_size, seq_len=seq_len, n_layers=2, h_dim=32, mlp_dim=64, head_dim=8, n_heads=4),
     )
     torch.manual_seed(seed)

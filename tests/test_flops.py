@@ -3,21 +3,21 @@
 import json
 
 import pytest
+from helpers import preset_config
 
-from languini.common_lib.flops import (
+from languini.tools.flops import (
     analytic_gpt_forward_flops,
     analytic_gpt_training_flops,
     build_model,
     count_step_flops,
     param_counts,
 )
-from languini.common_lib.flops_profile import DEEPSPEED_FORWARD_FLOPS, main
-from languini.projects.gpt.configs import load_config
+from languini.tools.flops_profile import DEEPSPEED_FORWARD_FLOPS, main
 
 
 @pytest.mark.parametrize("preset", ["nano", "mini", "tiny", "small", "medium"])
 def test_counter_matches_analytic_gpt_count_within_2_percent(preset):
-    cfg = load_config(preset)
+    cfg = preset_config("gpt", preset)
     count = count_step_flops("gpt", cfg, batch_size=2)
     assert count.counted_on == "meta"
     assert count.forward == pytest.approx(analytic_gpt_forward_flops(cfg, 2), rel=0.02)
@@ -28,12 +28,12 @@ def test_counter_matches_analytic_gpt_count_within_2_percent(preset):
 
 @pytest.mark.parametrize("preset", sorted(DEEPSPEED_FORWARD_FLOPS["gpt"]))
 def test_forward_count_is_close_to_the_original_deepspeed_profile(preset):
-    ours = count_step_flops("gpt", load_config(preset)).forward
+    ours = count_step_flops("gpt", preset_config("gpt", preset)).forward
     assert ours == pytest.approx(DEEPSPEED_FORWARD_FLOPS["gpt"][preset], rel=0.005)
 
 
 def test_module_breakdown_adds_up():
-    count = count_step_flops("gpt", load_config("mini"))
+    count = count_step_flops("gpt", preset_config("gpt", "mini"))
     parts = ["layers.*.attn.qkv", "layers.*.attn.out", "layers.*.mlp.fc", "layers.*.mlp.proj", "linear"]
     matmuls = sum(count.by_module[p][0] for p in parts)
     attention_products = count.by_module["layers.*.attn"][0] - sum(count.by_module[p][0] for p in parts[:2])
@@ -43,7 +43,7 @@ def test_module_breakdown_adds_up():
 
 @pytest.mark.parametrize("preset, total, non_embedding", [("tiny", 53_912_064, 41_329_152), ("small", 110_615_040, 98_032_128)])
 def test_param_counts_follow_the_original_convention(preset, total, non_embedding):
-    model = build_model("gpt", load_config(preset), "meta")
+    model = build_model("gpt", preset_config("gpt", preset), "meta")
     assert param_counts(model, 16384) == (total, non_embedding)
 
 

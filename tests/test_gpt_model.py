@@ -2,8 +2,8 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import preset_config
 
-from languini.projects.gpt.configs import load_config
 from languini.projects.gpt.model import Model
 
 PUBLISHED = {
@@ -19,13 +19,13 @@ PUBLISHED = {
 @pytest.mark.parametrize("preset, count", PUBLISHED.items())
 def test_parameter_counts_match_the_paper(preset, count):
     with torch.device("meta"):
-        model = Model(load_config(preset))
+        model = Model(preset_config("gpt", preset))
     assert sum(p.numel() for p in model.parameters()) == count
 
 
 def tiny_config(**kw):
     base = dict(n_layers=2, h_dim=32, mlp_dim=64, head_dim=8, n_heads=3, seq_len=16, vocab_size=50)
-    return dataclasses.replace(load_config("nano"), **{**base, **kw})
+    return dataclasses.replace(preset_config("gpt", "nano"), **{**base, **kw})
 
 
 def test_forward_shapes_and_stateless():

@@ -1,4 +1,4 @@
-"""The stream dataloader: pins the semantics of DESIGN §4 on small synthetic corpora."""
+"""The stream dataloader: pins the semantics of docs/dataloader.md on small synthetic corpora."""
 
 import json
 import os
@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import make_synthetic_corpus
+from helpers import make_synthetic_corpus
 
 from languini.common_lib.errors import UserError
 from languini.dataset_lib.languini_books import (

@@ -4,9 +4,9 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import preset_config
 
 from languini.common_lib.errors import UserError
-from languini.projects.lstm.configs import load_config
 from languini.projects.lstm.model import Model
 
 CELLS = {
@@ -21,7 +21,7 @@ def _config(**overrides):
     base = dict(
         n_layers=2, h_dim=32, mlp_dim=64, head_dim=8, n_heads=3, vocab_size=50, seq_len=32, block_length=4
     )
-    return dataclasses.replace(load_config("nano"), **{**base, **overrides})
+    return dataclasses.replace(preset_config("lstm", "nano"), **{**base, **overrides})
 
 
 def _model(dtype=torch.float64, seed=0, **overrides):
@@ -44,12 +44,12 @@ def _random_state(model, batch, seed=2):
 )
 def test_quasi_lstm_parameter_counts_match_the_paper(preset, expected):
     with torch.device("meta"):
-        model = Model(load_config(preset))
+        model = Model(preset_config("lstm", preset))
     assert sum(p.numel() for p in model.parameters()) == expected
 
 
 def test_coupled_and_classic_parameter_counts():
-    config = load_config("mini")
+    config = preset_config("lstm", "mini")
     n_params = {}
     for name, overrides in CELLS.items():
         with torch.device("meta"):

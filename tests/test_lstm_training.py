@@ -7,14 +7,21 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import nano_demo_args, sigkill_once_paused, write_bigram_corpus
+from helpers import (
+    REPO_ROOT,
+    exit_code,
+    nano_demo_args,
+    sigkill_once_paused,
+    tiny_run_args,
+    train_losses,
+    write_bigram_corpus,
+)
 
 from languini.dataset_lib.languini_books import stream_indices
 from languini.projects.lstm import main as lstm_main
 from languini.train_lib.checkpoint import load_checkpoint
 from languini.train_lib.loggers import read_metrics
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LSTM_MAIN = os.path.join(REPO_ROOT, "languini", "projects", "lstm", "main.py")
 CELLS = {"quasi": [], "classic": ["--non_quasi"]}
 
@@ -23,28 +30,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def tiny_args(data_root, run_dir, steps, *extra):
-    """A 1-layer LSTM of width 32 (2 heads of 8, blocks of 4 steps) on the vocab-256 synthetic corpus."""
-    return [
-        "nano", "--data_root", str(data_root), "--dataset", "synth_256", "--vocab_size", "256",
-        "--n_layers", "1", "--h_dim", "32", "--head_dim", "8", "--n_heads", "2", "--mlp_dim", "64",
-        "--block_length", "4", "--seq_len", "10", "--train_batch_size", "4", "--eval_batch_size", "4",
-        "--max_eval_steps", "2", "--max_train_steps", str(steps), "--decay_steps", "100", "--warmup_steps", "5",
-        "--max_lr", "3e-3", "--log_metrics_every", "1", "--log_terminal_every", "1000", "--log_grads_every", "0",
-        "--log_ckpt_every", "1000", "--eval_every", "0", "--logger_type", "none", "--no-progress_bar",
-        "--device", "cpu", "--run_dir", str(run_dir), *extra,
-    ]  # fmt: skip
+    return tiny_run_args("lstm", data_root, run_dir, steps, *extra)
 
 
 def run_main(argv) -> int:
-    try:
-        return lstm_main.main(argv)
-    except SystemExit as e:  # UserError -> exit code 2
-        return e.code
-
-
-def train_losses(run_dir) -> dict[int, float]:
-    records = [r for r in read_metrics(run_dir) if "train/loss" in r]
-    return {r["step"]: r["train/loss"] for r in records}
+    return exit_code(lstm_main.main, argv)
 
 
 def states_by_stream(checkpoint, global_batch: int, micro_batches: int) -> dict[int, list]:
@@ -91,7 +81,9 @@ def test_two_processes_equal_one_process_with_accumulation(synthetic_corpus, tmp
 
 PAUSING_TRAINER = """
 import sys, time
-from languini.projects.lstm import configs, model
+import dataclasses
+from languini.projects import load_project
+from languini.projects.lstm import model
 from languini.train_lib.run import run_training
 
 class PauseAtCall(model.Model):
@@ -103,7 +95,7 @@ class PauseAtCall(model.Model):
             time.sleep(600)
         return super().forward(x, state)
 
-sys.exit(run_training(configs, PauseAtCall, sys.argv[2:]))
+sys.exit(run_training(dataclasses.replace(load_project("lstm"), Model=PauseAtCall), sys.argv[2:]))
 """
 
 

@@ -1,6 +1,5 @@
 """`languini new-project`: a renamed, self-contained copy of a project that trains and evaluates at once."""
 
-import importlib
 import json
 import os
 import shutil
@@ -8,12 +7,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT, make_synthetic_corpus
+from helpers import REPO_ROOT, make_synthetic_corpus
 
 import languini.projects
-from languini.common_lib import new_project
 from languini.common_lib.errors import UserError
-from languini.common_lib.projects import PROJECTS_DIR
+from languini.projects import PROJECTS_DIR
+from languini.tools import new_project
 
 
 def all_text(folder):
@@ -39,13 +38,14 @@ def test_copy_is_renamed_and_importable(tmp_path, monkeypatch, source):
 
     # import the copy as languini.projects.<name> from tmp_path and check it is its own project
     monkeypatch.setattr(languini.projects, "__path__", [*languini.projects.__path__, str(tmp_path)])
-    configs = importlib.import_module(f"languini.projects.{name}.configs")
-    original = importlib.import_module(f"languini.projects.{source}.configs")
-    cfg = configs.load_config("mini")
+    original = languini.projects.load_project(source)
+    monkeypatch.setattr(languini.projects, "PROJECTS_DIR", str(tmp_path))
+    copy = languini.projects.load_project(name)
+    cfg = copy.preset_config("mini")
     assert cfg.project == name
-    assert set(configs.PRESETS) == set(original.PRESETS)
-    assert cfg.h_dim == original.load_config("mini").h_dim
-    importlib.import_module(f"languini.projects.{name}.model")
+    assert set(copy.presets) == set(original.presets)
+    assert cfg.h_dim == original.preset_config("mini").h_dim
+    assert copy.Model.__module__ == f"languini.projects.{name}.model"
     for module in list(sys.modules):
         if module.startswith(f"languini.projects.{name}"):
             monkeypatch.delitem(sys.modules, module)

@@ -2,13 +2,11 @@
 
 import json
 import os
-import types
 
 import pytest
 
 from languini import quickstart
 from languini.common_lib.errors import UserError
-from languini.projects.gpt import configs as gpt_configs
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,12 +30,12 @@ def fake_project(monkeypatch):
     """Stand-ins for the demo data, the trainer and eval.py that record how the quick start calls them."""
     calls = {"train": [], "eval": [], "prepare": 0}
 
-    def train(argv):
+    def train(spec, argv):
         calls["train"].append(argv)
         write_fake_run(argv[argv.index("--run_dir") + 1], int(argv[argv.index("--max_train_steps") + 1]))
         return 0
 
-    def evaluate(argv):
+    def evaluate(spec, argv):
         calls["eval"].append(argv)
         run_dir = argv[argv.index("--run_dir") + 1]
         os.makedirs(os.path.join(run_dir, "eval"), exist_ok=True)
@@ -46,9 +44,8 @@ def fake_project(monkeypatch):
             json.dump(result, f)
         return 0
 
-    modules = {"configs": gpt_configs, "main": types.SimpleNamespace(main=train),
-               "eval": types.SimpleNamespace(main=evaluate)}  # fmt: skip
-    monkeypatch.setattr(quickstart, "import_project_module", lambda project, name: modules[name])
+    monkeypatch.setattr(quickstart, "run_training", train)
+    monkeypatch.setattr(quickstart, "run_eval", evaluate)
     monkeypatch.setattr(quickstart, "ensure_demo_data", lambda cfg: calls.__setitem__("prepare", 1))
     return calls
 

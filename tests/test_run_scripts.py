@@ -6,7 +6,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 RUN_SH = os.path.join(REPO_ROOT, "run.sh")
 SYNC_SH = os.path.join(REPO_ROOT, "sync.sh")

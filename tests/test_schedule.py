@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from helpers import preset_config
 
-from languini.projects.gpt.configs import load_config
 from languini.train_lib.optim import build_optimizer, build_scheduler, lr_at_step
 
 
@@ -20,7 +20,7 @@ def _scheduled_lrs(cfg, n_steps):
 
 
 def test_schedule_values_with_decay_steps_1000():
-    cfg = load_config("mini")
+    cfg = preset_config("gpt", "mini")
     cfg.decay_steps = 1000
     lrs = _scheduled_lrs(cfg, 1005)
     assert lrs[0] == pytest.approx(3.0e-6, rel=1e-5)
@@ -32,7 +32,7 @@ def test_schedule_values_with_decay_steps_1000():
 
 
 def test_warmup_is_linear_and_peak_is_max_lr():
-    cfg = load_config("mini")
+    cfg = preset_config("gpt", "mini")
     cfg.decay_steps = 10**9  # no decay to speak of: the warm-up alone
     lrs = _scheduled_lrs(cfg, 250)
     assert lrs[99] == pytest.approx(cfg.max_lr / 2, rel=1e-6)

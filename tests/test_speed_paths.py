@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_trainer import run_main, train_losses
+from helpers import exit_code, preset_config, train_losses
 from torch.profiler import ProfilerActivity, profile
 
 from languini.common_lib.config import apply_overrides
-from languini.projects.gpt.configs import load_config
+from languini.projects.gpt import main as gpt_main
 from languini.projects.gpt.model import Model as GPT
 from languini.train_lib import loss as loss_module
 from languini.train_lib.checkpoint import load_model_weights
@@ -96,7 +96,7 @@ def test_chunked_cross_entropy_keeps_no_fp32_copy_of_the_logits(monkeypatch):
 
 def _tiny_gpt(n_layers=2):
     fields = dict(n_layers=n_layers, h_dim=32, mlp_dim=64, head_dim=8, n_heads=4, vocab_size=64, seq_len=16)
-    return GPT(apply_overrides(load_config("nano"), fields))
+    return GPT(apply_overrides(preset_config("gpt", "nano"), fields))
 
 
 def test_compile_model_compiles_each_block_in_place():
@@ -128,7 +128,7 @@ def _gpt_args(data_root, run_dir, steps, *extra):
 
 
 def _curve(data_root, run_dir, steps, *extra) -> np.ndarray:
-    assert run_main(_gpt_args(data_root, run_dir, steps, *extra)) == 0
+    assert exit_code(gpt_main.main, _gpt_args(data_root, run_dir, steps, *extra)) == 0
     losses = train_losses(run_dir)
     assert sorted(losses) == list(range(1, steps + 1))
     return np.array([losses[s] for s in sorted(losses)])
@@ -157,7 +157,7 @@ def test_compiled_training_matches_eager_and_checkpoints_load_eagerly(synthetic_
     assert np.abs(compiled - eager).max() < 1e-4, compiled - eager
 
     fields = dict(n_layers=2, h_dim=64, mlp_dim=256, head_dim=16, n_heads=4, vocab_size=256, seq_len=32)
-    cfg = apply_overrides(load_config("nano"), fields)
+    cfg = apply_overrides(preset_config("gpt", "nano"), fields)
     model = GPT(cfg)
     load_model_weights(model, str(tmp_path / "compiled" / "checkpoints" / "latest.pt"))  # strict names
     reference = GPT(cfg)

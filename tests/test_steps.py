@@ -4,12 +4,12 @@ import json
 import os
 
 import pytest
+from helpers import preset_config
 
 from languini.cli import main as languini_main
-from languini.common_lib import compute_classes, throughput
-from languini.common_lib.compute_classes import RECIPES, reference_tokens_per_second, steps_for
-from languini.common_lib.flops import count_step_flops
-from languini.projects.gpt.configs import load_config
+from languini.tools import compute_classes, steps
+from languini.tools.compute_classes import RECIPES, reference_tokens_per_second, steps_for
+from languini.tools.flops import count_step_flops
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,23 +39,23 @@ def test_recipe_command_holds_the_exact_flags():
 
 
 def test_steps_without_hours_lists_every_class(capsys):
-    assert compute_classes.main(["gpt", "small", "--train_batch_size", "128"]) == 0
+    assert steps.main(["gpt", "small", "--train_batch_size", "128"]) == 0
     out = capsys.readouterr().out
     assert "6h: 18265 steps" in out and "12h: 36529 steps" in out and "96h:" in out
 
 
 def test_tokens_per_second_and_throughput_json(tmp_path, capsys):
-    assert compute_classes.main(["gpt", "nano", "--hours", "1", "--tokens_per_second", "1000"]) == 0
+    assert steps.main(["gpt", "nano", "--hours", "1", "--tokens_per_second", "1000"]) == 0
     assert "1h: 1758 steps" in capsys.readouterr().out  # 3600 * 1000 / (16 * 128) = 1757.8
     path = tmp_path / "tp.json"
     path.write_text(json.dumps({"tokens_per_second": 2000.0}))
-    assert compute_classes.main(["gpt", "nano", "--hours", "1", "--throughput_json", str(path)]) == 0
+    assert steps.main(["gpt", "nano", "--hours", "1", "--throughput_json", str(path)]) == 0
     assert "1h: 3516 steps" in capsys.readouterr().out
 
 
 def test_flop_budget_is_a_hardware_independent_class(capsys):
-    assert compute_classes.main(["gpt", "nano", "--flops", "1e15", "--train_batch_size", "8"]) == 0
-    per_token = count_step_flops("gpt", load_config("nano")).forward_backward_per_token
+    assert steps.main(["gpt", "nano", "--flops", "1e15", "--train_batch_size", "8"]) == 0
+    per_token = count_step_flops("gpt", preset_config("gpt", "nano")).forward_backward_per_token
     expected = round(1e15 / (per_token * 8 * 128))
     assert f"-> {expected} steps" in capsys.readouterr().out
 
@@ -64,9 +64,9 @@ def test_calibrate_scales_the_reference_by_the_measured_ratio(monkeypatch, capsy
     def fake_measure(project, cfg, steps=0, warmup=-1):  # local throughput: proportional to 1 / h_dim
         return {"tokens_per_second": 1e6 / cfg.h_dim, "device": "fake GPU"}
 
-    monkeypatch.setattr(throughput, "measure", fake_measure)
+    monkeypatch.setattr(steps, "measure", fake_measure)
     argv = ["gpt", "small", "--h_dim", "1536", "--hours", "6", "--train_batch_size", "128", "--calibrate"]
-    assert compute_classes.main(argv) == 0
+    assert steps.main(argv) == 0
     out = capsys.readouterr().out
     estimate = 55_416 * 768 / 1536  # the small reference, halved
     assert f"tokens_per_second {estimate:,.0f}" in out and "assumes the ratio" in out
@@ -87,7 +87,7 @@ def test_calibrate_scales_the_reference_by_the_measured_ratio(monkeypatch, capsy
 )
 def test_mistakes_exit_2_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        compute_classes.main(argv)
+        steps.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
@@ -102,7 +102,7 @@ def test_docs_hold_each_recipe_command(recipe):
 
 def test_lstm_steps_accept_the_coupled_variant_the_figures_were_measured_on(capsys):
     for extra in ([], ["--coupled"]):
-        compute_classes.main(["lstm", "small", "--hours", "24", "--train_batch_size", "84", *extra])
+        steps.main(["lstm", "small", "--hours", "24", "--train_batch_size", "84", *extra])
         assert "24h: 22385 steps" in capsys.readouterr().out
 
 
@@ -110,6 +110,6 @@ def test_throughput_json_of_another_config_is_refused(tmp_path, capsys):
     path = tmp_path / "nano.json"
     path.write_text(json.dumps({"project": "gpt", "preset": "nano", "seq_len": 128, "tokens_per_second": 1e4}))
     with pytest.raises(SystemExit) as exit_info:
-        compute_classes.main(["gpt", "small", "--hours", "6", "--throughput_json", str(path)])
+        steps.main(["gpt", "small", "--hours", "6", "--throughput_json", str(path)])
     assert exit_info.value.code == 2
     assert "measured another config: preset nano (not small), seq_len 128 (not 512)" in capsys.readouterr().err

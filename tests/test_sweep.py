@@ -5,16 +5,16 @@ import math
 
 import pytest
 import torch
+from helpers import preset_config
 
 from languini.common_lib.errors import UserError
-from languini.common_lib.throughput_sweep import (
+from languini.tools.throughput_sweep import (
     append_rows,
     csv_columns,
     find_largest_fitting,
     main,
     make_row,
 )
-from languini.projects.gpt.configs import load_config
 
 
 @pytest.mark.parametrize("capacity", [1, 2, 3, 7, 8, 9, 76, 100, 127, 128, 129, 1000])
@@ -40,7 +40,7 @@ def test_search_limits():
 
 
 def test_rows_append_under_one_header(tmp_path):
-    cfg = load_config("nano")
+    cfg = preset_config("gpt", "nano")
     path = str(tmp_path / "results.csv")
     result = {"oom": False, "step_ms_median": 12.5, "tokens_per_second": 1000.0, "device": "cpu",
               "precision": "fp32", "peak_memory_mb": 300.0, "flops_per_token": 5e6, "mfu": None}  # fmt: skip

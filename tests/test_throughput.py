@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
+from helpers import preset_config
 
 from languini.common_lib import hardware
-from languini.common_lib.compute_classes import THROUGHPUT_CLASS_HOURS, steps_for
 from languini.common_lib.config import split_tool_flags
-from languini.common_lib.flops import analytic_gpt_training_flops, build_model, param_counts
-from languini.common_lib.throughput import main
-from languini.projects.gpt.configs import load_config
+from languini.tools.compute_classes import THROUGHPUT_CLASS_HOURS, steps_for
+from languini.tools.flops import analytic_gpt_training_flops, build_model, param_counts
+from languini.tools.throughput import main
 from languini.train_lib.state import detach_state
 
 FAST = ["--device", "cpu", "--seq_len", "32", "--steps", "2", "--warmup", "1"]
@@ -27,7 +27,7 @@ def test_gpt_nano_gives_sane_json(tmp_path):
     assert r["tokens_per_second"] > 0 and r["step_ms_median"] > 0 and r["timed_steps"] == 2
     assert r["tokens_per_step"] == 2 * 32 and r["precision"] == "fp32"
     assert r["torch_version"] == torch.__version__ and r["device"].startswith("CPU")
-    cfg = load_config("nano")
+    cfg = preset_config("gpt", "nano")
     cfg.seq_len = 32
     assert (r["params_total"], r["params_non_embedding"]) == param_counts(build_model("gpt", cfg, "meta"), 4096)
     analytic_per_token = analytic_gpt_training_flops(cfg) / cfg.seq_len

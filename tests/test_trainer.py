@@ -1,5 +1,6 @@
 """The trainer end to end on CPU with a tiny GPT: run folder, logging, resume, DDP == accumulation, errors."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,10 +10,17 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from conftest import nano_demo_args, sigkill_once_paused, write_bigram_corpus
+from helpers import (
+    REPO_ROOT,
+    exit_code,
+    nano_demo_args,
+    sigkill_once_paused,
+    tiny_run_args,
+    train_losses,
+    write_bigram_corpus,
+)
 
-from languini.common_lib.config import load_config_json
-from languini.projects.gpt import configs as gpt_configs
+from languini.projects import load_project
 from languini.projects.gpt import main as gpt_main
 from languini.projects.gpt.model import Model as GPT
 from languini.train_lib.checkpoint import load_checkpoint
@@ -20,7 +28,6 @@ from languini.train_lib.loggers import read_metrics
 from languini.train_lib.optim import lr_at_step
 from languini.train_lib.run import run_training
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPT_MAIN = os.path.join(REPO_ROOT, "languini", "projects", "gpt", "main.py")
 
 
@@ -28,30 +35,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def tiny_args(data_root, run_dir, steps=10, *extra):
-    """A 1-layer GPT of width 32 on the vocab-256 synthetic corpus, metrics every step, no extra sinks."""
-    return [
-        "nano", "--data_root", str(data_root), "--dataset", "synth_256", "--vocab_size", "256",
-        "--n_layers", "1", "--h_dim", "32", "--head_dim", "8", "--n_heads", "2", "--mlp_dim", "64",
-        "--seq_len", "16", "--train_batch_size", "4", "--eval_batch_size", "4", "--max_eval_steps", "2",
-        "--max_train_steps", str(steps), "--decay_steps", "100", "--warmup_steps", "5", "--max_lr", "3e-3",
-        "--log_metrics_every", "1", "--log_terminal_every", "1000", "--log_grads_every", "0",
-        "--log_ckpt_every", "1000", "--eval_every", "0", "--logger_type", "none", "--no-progress_bar",
-        "--device", "cpu", "--run_dir", str(run_dir), *extra,
-    ]  # fmt: skip
-
-
-def train_losses(run_dir) -> dict[int, float]:
-    records = [r for r in read_metrics(run_dir) if "train/loss" in r]
-    steps = [r["step"] for r in records]
-    assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
-    return {r["step"]: r["train/loss"] for r in records}
+    return tiny_run_args("gpt", data_root, run_dir, steps, *extra)
 
 
 def run_main(argv) -> int:
-    try:
-        return gpt_main.main(argv)
-    except SystemExit as e:  # UserError -> exit code 2
-        return e.code
+    return exit_code(gpt_main.main, argv)
 
 
 def test_run_folder_metrics_and_checkpoint(synthetic_corpus, tmp_path):
@@ -90,7 +78,7 @@ def test_run_folder_metrics_and_checkpoint(synthetic_corpus, tmp_path):
 
     checkpoint = load_checkpoint(str(run_dir / "checkpoints" / "latest.pt"))
     assert checkpoint["step"] == 6
-    saved_cfg = load_config_json(gpt_configs.Config, str(run_dir / "config.json"))
+    saved_cfg = load_project("gpt").load_run_config(str(run_dir / "config.json"))
     assert set(checkpoint["model"]) == set(GPT(saved_cfg).state_dict())  # no module. / _orig_mod. prefixes
     for key in ("optimizer", "scheduler", "scaler", "loader", "states", "rng", "config"):
         assert key in checkpoint
@@ -151,9 +139,8 @@ class NaNAfterSevenSteps(GPT):
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(synthetic_corpus, tmp_path, capsys):
     data_root, _ = synthetic_corpus
     run_dir = tmp_path / "run"
-    code = run_training(
-        gpt_configs, NaNAfterSevenSteps, tiny_args(data_root, run_dir, 20, "--log_ckpt_every", "5")
-    )
+    spec = dataclasses.replace(load_project("gpt"), Model=NaNAfterSevenSteps)
+    code = run_training(spec, tiny_args(data_root, run_dir, 20, "--log_ckpt_every", "5"))
     assert code == 1
     assert "NaN or infinite at step 7" in capsys.readouterr().err
     checkpoint = load_checkpoint(str(run_dir / "checkpoints" / "latest.pt"))
@@ -164,7 +151,9 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(synthetic_corpus, 
 
 PAUSING_TRAINER = """
 import sys, time
-from languini.projects.gpt import configs, model
+import dataclasses
+from languini.projects import load_project
+from languini.projects.gpt import model
 from languini.train_lib.run import run_training
 
 class PauseAtStep14(model.Model):
@@ -176,7 +165,7 @@ class PauseAtStep14(model.Model):
             time.sleep(600)
         return super().forward(x, state)
 
-sys.exit(run_training(configs, PauseAtStep14, sys.argv[1:]))
+sys.exit(run_training(dataclasses.replace(load_project("gpt"), Model=PauseAtStep14), sys.argv[1:]))
 """
 
 
@@ -252,14 +241,14 @@ def test_compiled_training_checkpoint_has_clean_names(synthetic_corpus, tmp_path
 
 
 def test_languini_train_runs_the_project_in_process(synthetic_corpus, tmp_path, capsys):
-    from languini.train_lib import launch
+    from languini.tools import launch
 
     data_root, _ = synthetic_corpus
     run_dir = tmp_path / "run"
-    assert launch.main(["gpt", *tiny_args(data_root, run_dir, 2)]) == 0
+    assert launch.train_main(["gpt", *tiny_args(data_root, run_dir, 2)]) == 0
     assert sorted(train_losses(run_dir)) == [1, 2]
     with pytest.raises(SystemExit) as exit_info:
-        launch.main(["gpt", "nano", "--nproc_per_node", "2"])
+        launch.train_main(["gpt", "nano", "--nproc_per_node", "2"])
     assert exit_info.value.code == 2 and "torchrun" in capsys.readouterr().err
 
 

@@ -13,10 +13,10 @@ import sys
 
 import pytest
 import torch
+from helpers import preset_config
 
 from languini.common_lib.errors import UserError
 from languini.projects.lstm import triton_scan
-from languini.projects.lstm.configs import load_config
 from languini.projects.lstm.model import Model
 from languini.projects.lstm.scans import scan_reference
 
@@ -97,7 +97,7 @@ def _scan_case(batch, length, width, dtype, strided, seed):
 
 def _model_case():
     """A tiny quasi-LSTM with scan=triton, random weights, a random input and a non-zero initial state."""
-    config = dataclasses.replace(load_config("nano"), vocab_size=64, n_layers=2, h_dim=32, mlp_dim=64,
+    config = dataclasses.replace(preset_config("lstm", "nano"), vocab_size=64, n_layers=2, h_dim=32, mlp_dim=64,
                                  head_dim=8, n_heads=4, scan="triton")  # fmt: skip
     torch.manual_seed(0)
     model = Model(config)

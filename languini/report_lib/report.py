@@ -20,6 +20,7 @@ from languini.common_lib.errors import exit_on_user_error
 from languini.report_lib.plots import X_LABELS, plot_learning_curves, plot_scaling
 from languini.report_lib.runs import Run, load_runs
 from languini.report_lib.scaling import crossing, fit_power_law
+from languini.tools.compute_classes import COMPUTE_CLASS_HOURS
 
 CURVES_TOKENS = "curves_tokens.png"
 CURVES_HOURS = "curves_ref_gpu_hours.png"
@@ -129,8 +130,6 @@ def compute_label(hours: float | None) -> str:
     """Reference-GPU hours, named after the compute class they match (within the rounding of steps)."""
     if hours is None:
         return "n/a"
-    from languini.common_lib.compute_classes import COMPUTE_CLASS_HOURS
-
     match = next((c for c in COMPUTE_CLASS_HOURS if abs(hours - c) <= 1e-3 * c), None)
     return f"{match} h class" if match else f"{hours:.4g} h"
 

@@ -13,7 +13,10 @@ from functools import cached_property
 
 import numpy as np
 
+from languini.common_lib.config import apply_overrides
 from languini.common_lib.errors import UserError
+from languini.projects import load_project
+from languini.tools.flops import build_model, param_counts
 
 RUN_MARKERS = ("config.json", "metrics.jsonl")
 GIT_KEYS = ("git_revision", "git_rev", "git_commit", "git", "revision", "commit")
@@ -138,12 +141,8 @@ def git_revision(env: dict) -> str:
 
 def count_params(config: dict) -> int:
     """Build the project's model on the meta device (no memory) and count its parameters."""
-    from languini.common_lib.config import apply_overrides
-    from languini.common_lib.flops import build_model, param_counts
-    from languini.common_lib.projects import import_project_module
-
     project = config.get("project")
-    cfg_cls = import_project_module(project, "configs").Config
+    cfg_cls = load_project(project).Config
     known = {k: v for k, v in config.items() if k in cfg_cls.__dataclass_fields__}
     cfg = apply_overrides(cfg_cls(), known)
     return param_counts(build_model(project, cfg, "meta"), cfg.vocab_size)[0]

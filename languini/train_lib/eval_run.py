@@ -15,7 +15,7 @@ import time
 import torch
 
 from languini.common_lib.atomic_io import atomic_write_json
-from languini.common_lib.config import apply_overrides, load_config_json, parse_flags, split_tool_flags
+from languini.common_lib.config import apply_overrides, parse_flags, split_tool_flags
 from languini.common_lib.device import autocast_context, configure_device, resolve_device, resolve_precision
 from languini.common_lib.errors import UserError
 from languini.dataset_lib import layout
@@ -25,6 +25,7 @@ from languini.train_lib.checkpoint import load_model_weights
 from languini.train_lib.distributed import init_distributed, shutdown_distributed, world_from_env
 from languini.train_lib.evaluation import all_reduce_sums, metrics_from_sums
 from languini.train_lib.final_eval import PROTOCOLS
+from languini.train_lib.project_spec import ProjectSpec
 from languini.train_lib.run_folder import CHECKPOINT_NAME
 from languini.train_lib.train_config import check_config
 
@@ -108,16 +109,17 @@ def _score_split(model, cfg, protocol, dataset_path, split, lengths, precision, 
     return metrics_from_sums(all_reduce_sums(sums, world), with_chars=lengths is not None)
 
 
-def run_eval(configs_module, Model, argv, protocol: str) -> int:
-    """The body of a project's `eval.py`: evaluate a run with `protocol` ("sliding_window"/"stateful")."""
+def run_eval(spec: ProjectSpec, argv) -> int:
+    """The body of a project's `eval.py`: evaluate a run with the project's model and eval protocol."""
     argv = list(argv)
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0
     own, rest = split_tool_flags(argv, EVAL_FLAGS)
     config_path, checkpoint, out_dir = _locate(own)
-    cfg = load_config_json(configs_module.Config, config_path)
-    cfg = apply_overrides(cfg, parse_flags(configs_module.Config, rest))
+    cfg = spec.load_run_config(config_path)
+    cfg = apply_overrides(cfg, parse_flags(spec.Config, rest))
+    protocol, Model = spec.eval_protocol, spec.Model
     check_config(cfg)
     dataset_path = layout.check_dataset(cfg.data_root, cfg.dataset, cfg.vocab_size)
     splits = _splits(cfg.data_root, cfg.eval_data_split)

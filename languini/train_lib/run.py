@@ -1,4 +1,4 @@
-"""`run_training(configs_module, Model, argv)`: what every project's main.py calls.
+"""`run_training(spec, argv)`: what every project's main.py calls (through languini.projects.commands).
 
 Works as one plain process (`python main.py PRESET --flags`) or as one of many under torchrun; parses the
 config, checks the data and the batch layout before touching anything, claims the run folder, builds the
@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from languini.common_lib.config import config_to_dict, format_config, parse_config
+from languini.common_lib.config import config_to_dict, format_config
 from languini.common_lib.device import device_name, resolve_device, resolve_precision
 from languini.common_lib.errors import UserError
 from languini.dataset_lib.layout import check_dataset, read_books
@@ -22,19 +22,19 @@ from languini.train_lib.distributed import (
     world_from_env,
 )
 from languini.train_lib.loggers import MetricsLogger, check_sinks, truncate_metrics
+from languini.train_lib.project_spec import ProjectSpec
 from languini.train_lib.train_config import check_config
 from languini.train_lib.trainer import Trainer, TrainingDiverged, check_batch_layout
 
 
-def run_training(configs_module, Model, argv: list[str]) -> int:
-    """Train `Model` with the config parsed from `argv` (`[PRESET] [--flags]`); returns the exit code."""
+def run_training(spec: ProjectSpec, argv: list[str]) -> int:
+    """Train the project's model with the config parsed from `argv` (`[PRESET] [--flags]`); returns the
+    exit code."""
     world = world_from_env()
     prog = os.path.basename(sys.argv[0]) or "main.py"
     try:
-        cfg = parse_config(
-            configs_module.Config, configs_module.PRESETS, list(argv), prog, configs_module.DEFAULT_PRESET
-        )
-        return _train(cfg, Model, world, list(argv))
+        cfg = spec.parse_config(list(argv), prog)
+        return _train(cfg, spec.Model, world, list(argv))
     except UserError:
         if world.is_main:
             raise  # printed once, as one line, by exit_on_user_error

@@ -2,13 +2,12 @@
 
 from dataclasses import dataclass
 
-from languini.common_lib.config import build_preset, cfg_field
+from languini.common_lib.config import cfg_field
 from languini.train_lib.train_config import TrainConfig
 
 
 @dataclass
 class Config(TrainConfig):
-    project: str = cfg_field("gpt", "project name")
     n_layers: int = cfg_field(4, "transformer blocks")
     h_dim: int = cfg_field(512, "residual stream width")
     mlp_dim: int = cfg_field(2048, "MLP hidden width")
@@ -36,7 +35,3 @@ PRESETS = {
 }
 DEFAULT_PRESET = "mini"
 
-
-def load_config(name: str | None = None) -> Config:
-    """The config of preset `name` (default `mini`), with attribute access."""
-    return build_preset(Config, PRESETS, name or DEFAULT_PRESET)

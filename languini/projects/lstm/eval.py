@@ -1,20 +1,19 @@
-"""Final evaluation of an LSTM run: the state is carried through each whole test split in chunks of
-seq_len (see languini/train_lib/eval_run.py).
+"""Evaluate a run of this project on the test splits with the project's own model and protocol.
 
-    python languini/projects/lstm/eval.py --run_dir runs/lstm/EXP [--eval_data_split all]
+    python languini/projects/<project>/eval.py --run_dir runs/<project>/EXP [--eval_data_split all]
+    torchrun --standalone --nproc_per_node 8 languini/projects/<project>/eval.py --run_dir runs/<project>/EXP
+
+The project is the folder this file lives in (its project.py); `--help` lists the flags. See
+docs/evaluation.md for the protocols.
 """
 
 import sys
 
-from languini.common_lib.errors import exit_on_user_error
-from languini.projects.lstm import configs
-from languini.projects.lstm.model import Model
-from languini.train_lib.eval_run import run_eval
+from languini.projects.commands import evaluate_project
 
 
-@exit_on_user_error
 def main(argv=None):
-    return run_eval(configs, Model, sys.argv[1:] if argv is None else argv, protocol="stateful")
+    return evaluate_project(__file__, argv)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from languini.common_lib.errors import UserError
-from languini.projects.lstm.scans import scan_block_parallel, scan_reference
+
+from .scans import scan_block_parallel, scan_reference
 
 
 def _normal_linear(in_dim, out_dim, std, bias=True):
@@ -65,7 +66,7 @@ class QuasiLSTM(nn.Module):
         if self.scan == "reference":
             return scan_reference(f, u, c0)
         if self.scan == "triton":
-            from languini.projects.lstm.triton_scan import scan_triton
+            from .triton_scan import scan_triton
 
             return scan_triton(f, u, c0)
         raise UserError(f"unknown scan kernel '{self.scan}'; valid: torch, reference, triton")

@@ -1,8 +1,9 @@
 """`languini new-project NAME [--from gpt]`: start new research as a renamed copy of a project folder.
 
-The copy is self-contained (DESIGN §1): its imports point at itself (`languini.projects.NAME`), its config's
-`project` field defaults to NAME (so runs land in runs/NAME/...), and it trains at once with
-`torchrun --standalone languini/projects/NAME/main.py mini`.
+A project is named by its folder, so a plain copy (`cp -r`) already trains and evaluates its own model; this
+command also points the copy's docs and any absolute imports at the new name, retitles its README, and
+checks the name is a valid package name. Train it at once with
+`torchrun --standalone languini/projects/NAME/main.py mini`. See docs/architecture.md.
 """
 
 import argparse
@@ -14,7 +15,7 @@ import sys
 import tempfile
 
 from languini.common_lib.errors import UserError, exit_on_user_error
-from languini.common_lib.projects import PROJECTS_DIR, list_projects, project_dir
+from languini.projects import PROJECTS_DIR, list_projects, project_dir
 
 SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", "throughput_results.csv", "logs", ".ipynb_checkpoints")
 TEXT_SUFFIXES = (".py", ".md", ".txt", ".json", ".sh", ".toml", ".yaml", ".yml", ".cfg")
@@ -36,16 +37,6 @@ def rename_text(text: str, old: str, new: str) -> str:
     """Point imports (languini.projects.old), paths (languini/projects/old) and run folders (runs/old/) at new."""
     text = re.sub(rf"languini([./])projects\1{old}(?![A-Za-z0-9_])", rf"languini\1projects\1{new}", text)
     return re.sub(rf"(?<![A-Za-z0-9_])runs/{old}/", f"runs/{new}/", text)
-
-
-def rename_config(text: str, old: str, new: str) -> str:
-    """Set the default of the config's `project` field to the new name."""
-    pattern = rf'(project: str = cfg_field\()"{old}"'
-    if not re.search(pattern, text):
-        raise UserError(
-            f'configs.py of project {old} has no `project: str = cfg_field("{old}", ...)` field to rename'
-        )
-    return re.sub(pattern, rf'\1"{new}"', text)
 
 
 def retitle_readme(text: str, old: str, new: str) -> str:
@@ -90,9 +81,7 @@ def _rewrite(path: str, rel: str, old: str, new: str):
     with open(path, encoding="utf-8") as f:
         text = f.read()
     text = rename_text(text, old, new)
-    if rel == "configs.py":
-        text = rename_config(text, old, new)
-    elif rel == "README.md":
+    if rel == "README.md":
         text = retitle_readme(text, old, new)
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)

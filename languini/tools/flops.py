@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from languini.common_lib.projects import import_project_module
+from languini.projects import load_project
 from languini.train_lib.loss import lm_loss
 
 
@@ -44,7 +44,7 @@ class FlopCount:
 
 def build_model(project: str, cfg, device) -> torch.nn.Module:
     """The project's `Model(cfg)`, created directly on `device` (the meta device allocates nothing)."""
-    model_cls = import_project_module(project, "model").Model
+    model_cls = load_project(project).Model
     with torch.device(device):
         return model_cls(cfg)
 

@@ -1,0 +1,1 @@
+"""The compute tools (throughput, sweep, FLOPs, steps, new-project) and the project commands: the layer above the projects."""
