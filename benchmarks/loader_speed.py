@@ -3,7 +3,7 @@
     python3 benchmarks/loader_speed.py [--quick] [--data_path data/demo/demo_4096] [--batch_size 128] [--seq_len 512]
 
 Always measures a synthetic corpus (random uint16 books written to a temporary folder); with --data_path it
-also measures that prepared dataset (e.g. one made from ../shared/data/gutenberg-400.tar.xz), with the batch
+also measures that prepared dataset (e.g. one made with `languini data prepare folder BOOKS.tar.xz`), with the batch
 capped at the number of books of the split.
 """
 

@@ -4,7 +4,7 @@ Reads books of the shared Gutenberg archive (header/footer stripped), trains a t
 times `tokenise_books` (read + clean + encode + atomic write, progress off) per worker count. Prints JSON:
 wall-clock MB/s and, robust to a busy machine, MB per CPU-second (worker start-up included).
 
-    python3 benchmarks/tokenise_speed.py [--quick] [--archive ../shared/data/gutenberg-400.tar.xz]
+    python3 benchmarks/tokenise_speed.py [--quick] [--archive BOOKS.tar.xz]
 """
 
 import argparse

@@ -23,8 +23,8 @@ from languini.dataset_lib.layout import check_dataset
 from languini.projects import load_project
 from languini.report_lib.plots import plot_learning_curves
 from languini.report_lib.runs import load_run
-from languini.train_lib.eval_run import run_eval
-from languini.train_lib.run import run_training
+from languini.train_lib.eval_command import run_eval
+from languini.train_lib.train_command import run_training
 
 PRESET = "nano"
 DEFAULT_STEPS = 600

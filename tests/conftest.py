@@ -16,10 +16,11 @@ def synthetic_corpus(tmp_path):
 
 @pytest.fixture(scope="session")
 def gutenberg_archive():
-    """The shared Gutenberg archive, or skip when ../shared is absent."""
+    """The development machines' Gutenberg archive (400 public-domain books beside the checkout), or skip
+    when it is absent, as on a user's clone."""
     path = os.path.join(SHARED_DATA, "gutenberg-400.tar.xz")
     if not os.path.isfile(path):
-        pytest.skip("../shared/data/gutenberg-400.tar.xz not present")
+        pytest.skip("no gutenberg-400.tar.xz beside the checkout")
     return path
 
 

@@ -21,7 +21,7 @@ from languini.dataset_lib.languini_books import read_split_tokens
 from languini.projects import load_project
 from languini.projects.gpt import eval as gpt_eval
 from languini.tools import launch
-from languini.train_lib.char_counts import load_token_lengths, token_lengths_from_processor
+from languini.train_lib.token_lengths import load_token_lengths, token_lengths_from_processor
 
 RESULT_KEYS = {
     "split",

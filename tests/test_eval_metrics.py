@@ -22,14 +22,14 @@ from languini.dataset_lib.languini_books import (
 )
 from languini.dataset_lib.layout import read_books
 from languini.projects.gpt.model import Model as GPT
-from languini.train_lib.char_counts import TokenLengths
-from languini.train_lib.evaluation import evaluate_on_loader, metrics_from_sums, score_batch
-from languini.train_lib.final_eval import (
+from languini.train_lib.eval_metrics import evaluate_on_loader, metrics_from_sums, score_batch
+from languini.train_lib.eval_protocols import (
     evaluate_sliding_window,
     evaluate_stateful,
     window_batch,
     window_starts,
 )
+from languini.train_lib.token_lengths import TokenLengths
 
 NO_AUTOCAST = contextlib.nullcontext()
 

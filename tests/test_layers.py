@@ -85,5 +85,5 @@ def test_no_import_cycles():
 
 
 def test_the_check_sees_imports():
-    assert "languini.train_lib.run" in MODULES["languini.projects.commands"]
+    assert "languini.train_lib.train_command" in MODULES["languini.projects.commands"]
     assert "languini.projects.gpt.model" in MODULES["languini.projects.gpt.project"]  # relative imports resolved

@@ -84,7 +84,7 @@ import sys, time
 import dataclasses
 from languini.projects import load_project
 from languini.projects.lstm import model
-from languini.train_lib.run import run_training
+from languini.train_lib.train_command import run_training
 
 class PauseAtCall(model.Model):
     calls = 0

@@ -20,9 +20,9 @@ import languini.projects
 from languini.projects import list_projects, load_project
 from languini.train_lib.checkpoint import clean_state_dict
 from languini.train_lib.compile import compile_model
-from languini.train_lib.eval_run import run_eval
+from languini.train_lib.eval_command import run_eval
 from languini.train_lib.project_spec import LanguageModel, spec_problems
-from languini.train_lib.run import run_training
+from languini.train_lib.train_command import run_training
 
 PROJECTS = list_projects()
 VOCAB = 256  # the synthetic corpus' vocabulary

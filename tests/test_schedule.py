@@ -1,4 +1,4 @@
-"""The learning-rate schedule of the original recipe (DESIGN §5), through the scheduler the trainer uses."""
+"""The learning-rate schedule of the original recipe (docs/training.md), through the scheduler the trainer uses."""
 
 import pytest
 import torch

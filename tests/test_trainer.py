@@ -26,7 +26,7 @@ from languini.projects.gpt.model import Model as GPT
 from languini.train_lib.checkpoint import load_checkpoint
 from languini.train_lib.loggers import read_metrics
 from languini.train_lib.optim import lr_at_step
-from languini.train_lib.run import run_training
+from languini.train_lib.train_command import run_training
 
 GPT_MAIN = os.path.join(REPO_ROOT, "languini", "projects", "gpt", "main.py")
 
@@ -154,7 +154,7 @@ import sys, time
 import dataclasses
 from languini.projects import load_project
 from languini.projects.gpt import model
-from languini.train_lib.run import run_training
+from languini.train_lib.train_command import run_training
 
 class PauseAtStep14(model.Model):
     calls = 0

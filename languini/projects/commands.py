@@ -5,8 +5,8 @@ import sys
 
 from languini.common_lib.errors import exit_on_user_error
 from languini.projects import project_from_file
-from languini.train_lib.eval_run import run_eval
-from languini.train_lib.run import run_training
+from languini.train_lib.eval_command import run_eval
+from languini.train_lib.train_command import run_training
 
 
 @exit_on_user_error

@@ -11,8 +11,8 @@ import sys
 
 from languini.common_lib.errors import UserError, exit_on_user_error
 from languini.projects import list_projects, load_project
-from languini.train_lib.eval_run import run_eval
-from languini.train_lib.run import run_training
+from languini.train_lib.eval_command import run_eval
+from languini.train_lib.train_command import run_training
 
 TRAIN_USAGE = """usage: languini train PROJECT [PRESET] [--flags]
 

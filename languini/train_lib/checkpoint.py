@@ -1,4 +1,4 @@
-"""Checkpoints: everything needed to continue a run exactly, written atomically (DESIGN §8).
+"""Checkpoints: everything needed to continue a run exactly, written atomically (docs/training.md).
 
 A checkpoint is a dict saved with torch.save: `model` (a clean state dict, without the `module.` of DDP
 or the `_orig_mod.` of torch.compile), `optimizer`, `scheduler`, `scaler`, `step` (completed steps),

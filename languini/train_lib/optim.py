@@ -1,4 +1,4 @@
-"""The optimiser and learning-rate schedule of the original recipe (DESIGN §5)."""
+"""The optimiser and learning-rate schedule of the original recipe (docs/training.md)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""The run folder: where a run keeps its config, environment, metrics and checkpoints (DESIGN §8).
+"""The run folder: where a run keeps its config, environment, metrics and checkpoints (docs/training.md).
 
     runs/<project>/<exp_name>/  config.json env.json command.txt source.zip metrics.jsonl
                                 checkpoints/latest.pt  tensorboard/  wandb/

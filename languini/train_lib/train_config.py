@@ -1,7 +1,7 @@
 """Fields shared by every project's config: data, optimiser recipe, schedule, logging, run folder.
 
 A project's `configs.py` subclasses `TrainConfig` with its model fields and defines its presets.
-Defaults reproduce the original Languini recipe (DESIGN §5).
+Defaults reproduce the original Languini recipe (docs/training.md).
 """
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""The training loop shared by every project (DESIGN §4, §5, §8).
+"""The training loop shared by every project (docs/training.md, docs/architecture.md).
 
 One optimiser step reads one global batch: this rank's streams split into M micro-batches. Each micro-step's
 mean loss is divided by M and gradients are synchronised (DDP mean over W ranks) only on the last
@@ -22,13 +22,13 @@ from languini.common_lib.device import autocast_context, configure_device
 from languini.common_lib.errors import UserError
 from languini.dataset_lib.languini_books import LanguiniDatasetIterator, stream_indices
 from languini.train_lib import checkpoint as ckpt
-from languini.train_lib.char_counts import load_token_lengths
 from languini.train_lib.compile import compile_loss, compile_model
 from languini.train_lib.distributed import all_gather_objects, all_reduce_mean, all_reduce_sum, barrier
-from languini.train_lib.evaluation import evaluate_on_loader
+from languini.train_lib.eval_metrics import evaluate_on_loader
 from languini.train_lib.optim import build_optimizer, build_scheduler
 from languini.train_lib.run_folder import checkpoint_path
 from languini.train_lib.state import detach_state, state_to
+from languini.train_lib.token_lengths import load_token_lengths
 
 
 class TrainingDiverged(Exception):

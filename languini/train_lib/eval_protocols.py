@@ -1,4 +1,4 @@
-"""The final evaluation protocols over one stream of a whole split (DESIGN §6).
+"""The final evaluation protocols over one stream of a whole split (docs/evaluation.md).
 
 The split is read as ONE token stream (`read_split_tokens`: books in list order, `<D>` between books and
 at the end). Target t is stream token t predicted from the tokens before it; every target 1..N-1 is scored
@@ -21,8 +21,8 @@ import torch
 from tqdm import tqdm
 
 from languini.common_lib.errors import UserError
-from languini.train_lib.char_counts import TokenLengths
-from languini.train_lib.evaluation import score_batch, zero_sums
+from languini.train_lib.eval_metrics import score_batch, zero_sums
+from languini.train_lib.token_lengths import TokenLengths
 
 
 def window_starts(n_tokens: int, seq_len: int, last_n: int) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Characters and UTF-8 bytes that each token id decodes to, for the normalised metrics.
 
 Normalised perplexity divides the nats of the scored targets by the number of characters those targets
-decode to (DESIGN §6). Decoding text in the hot path is slow, so the length of every token id is computed
+decode to (docs/evaluation.md). Decoding text in the hot path is slow, so the length of every token id is computed
 once from the SentencePiece model and looked up as a tensor.
 
 Per id: a text piece counts the characters / UTF-8 bytes of its surface text (`▁` is a space); `<D>` and

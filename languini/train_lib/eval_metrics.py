@@ -7,7 +7,7 @@ Every protocol accumulates the same six sums over the scored targets (padding is
     top1     targets ranked first            top10     targets among the 10 most likely
 
 and turns them into metrics only at the end, after summing across ranks. Normalised perplexity
-(DESIGN §6) is exp(nats / n_chars): a per-character figure that compares models across vocabularies.
+(docs/evaluation.md) is exp(nats / n_chars): a per-character figure that compares models across vocabularies.
 """
 
 import math
@@ -15,9 +15,9 @@ import math
 import torch
 import torch.distributed as dist
 
-from languini.train_lib.char_counts import TokenLengths
 from languini.train_lib.distributed import World, all_reduce_sum
 from languini.train_lib.loss import lm_loss
+from languini.train_lib.token_lengths import TokenLengths
 
 N_SUMS = 6  # nats, n_tokens, n_chars, n_bytes, top1, top10
 TOP_K = 10

@@ -4,7 +4,7 @@
     eval.py --checkpoint PATH --config PATH [...]
 
 Loads `DIR/config.json` and `DIR/checkpoints/latest.pt`, scores each split with the project's protocol
-(`final_eval.PROTOCOLS`), prints a table and writes `DIR/eval/<split>.json` (with --config only: next to
+(`eval_protocols.PROTOCOLS`), prints a table and writes `DIR/eval/<split>.json` (with --config only: next to
 the config file). Any config flag overrides the run's config (e.g. --test_batch_size, --device,
 --precision, --data_root). Under torchrun the work is split across the processes and the sums added.
 """
@@ -20,13 +20,13 @@ from languini.common_lib.device import autocast_context, configure_device, resol
 from languini.common_lib.errors import UserError
 from languini.dataset_lib import layout
 from languini.dataset_lib.languini_books import read_split_tokens
-from languini.train_lib.char_counts import load_token_lengths
 from languini.train_lib.checkpoint import load_model_weights
 from languini.train_lib.distributed import init_distributed, shutdown_distributed, world_from_env
-from languini.train_lib.evaluation import all_reduce_sums, metrics_from_sums
-from languini.train_lib.final_eval import PROTOCOLS
+from languini.train_lib.eval_metrics import all_reduce_sums, metrics_from_sums
+from languini.train_lib.eval_protocols import PROTOCOLS
 from languini.train_lib.project_spec import ProjectSpec
 from languini.train_lib.run_folder import CHECKPOINT_NAME
+from languini.train_lib.token_lengths import load_token_lengths
 from languini.train_lib.train_config import check_config
 
 EVAL_FLAGS = {  # eval's own flags, taken out before the config flags
