@@ -7,7 +7,7 @@ import sys
 from languini.common_lib.errors import UserError, exit_on_user_error
 from languini.dataset_lib.integrity_test import hashed_folder
 from languini.dataset_lib.layout import read_meta
-from languini.dataset_lib.prepare import PrepareOptions, prepare, print_summary
+from languini.dataset_lib.prepare import PrepareOptions, os_error_message, prepare, print_summary
 from languini.dataset_lib.sources import books3, demo, folder, pg19
 from languini.dataset_lib.verify import verify_dataset
 
@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, "data/books", 16384)
     p.add_argument("--split-lists", required=True, help="folder with the original file_list_*.npy")
 
-    p = commands.add_parser("verify", help="check a dataset's token files against its meta.json")
+    p = commands.add_parser("verify", help="check a dataset's file lists and token files (names, sizes, content)")
     p.add_argument("dir", help="dataset folder, e.g. data/demo/demo_4096")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p = commands.add_parser("info", help="print a dataset's splits and provenance")
     p.add_argument("dir", help="dataset folder, e.g. data/demo/demo_4096")
     return parser
@@ -92,15 +93,18 @@ def run_prepare(args) -> int:
         tokenizer=args.tokenizer, workers=args.workers, strict=args.strict,
         max_books=getattr(args, "max_books", None), progress=not args.no_progress,
     )
-    with _open_source(args) as (refs, description):
-        meta = prepare(refs, description, options)
+    try:
+        with _open_source(args) as (refs, description):
+            meta = prepare(refs, description, options)
+    except OSError as e:  # reading the source or its download cache (prepare's own are handled inside)
+        raise os_error_message(e) from None
     dataset = meta["dataset"]
     print(f"train on it with: --data_root {out} --dataset {dataset} --vocab_size {meta['vocab_size']}")
     return 0
 
 
-def run_verify(path: str) -> int:
-    digest, problems = verify_dataset(path)
+def run_verify(path: str, progress: bool = True) -> int:
+    digest, problems = verify_dataset(path, progress)
     if problems:
         for line in problems:
             print(line)
@@ -128,7 +132,7 @@ def main(argv=None):
     if args.command == "prepare":
         return run_prepare(args)
     if args.command == "verify":
-        return run_verify(args.dir)
+        return run_verify(args.dir, not args.no_progress)
     return run_info(args.dir)
 
 

@@ -19,12 +19,19 @@ KNOWN_HASHES = {"books_16384": "0957d626c108d0075c18a5a99fa766533a46b2fba833061f
 
 
 def file_sizes(folder: str, base: str | None = None) -> dict[str, int]:
-    """Path relative to `base` (default: folder) -> size in bytes, for every file under folder."""
+    """Path relative to `base` (default: folder) -> size in bytes, for every file under folder.
+
+    A broken symlink counts as no file (so `verify` reports it missing) instead of stopping the walk.
+    """
     sizes = {}
     for parent, _, names in os.walk(folder):
         for name in names:
             path = os.path.join(parent, name)
-            sizes[os.path.relpath(path, base or folder).replace(os.sep, "/")] = os.path.getsize(path)
+            try:
+                size = os.path.getsize(path)
+            except FileNotFoundError:
+                continue
+            sizes[os.path.relpath(path, base or folder).replace(os.sep, "/")] = size
     return sizes
 
 

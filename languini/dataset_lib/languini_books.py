@@ -1,4 +1,4 @@
-"""The stream dataloader of Languini Books (DESIGN §4).
+"""The stream dataloader of Languini Books (docs/dataloader.md).
 
 The books of a split are dealt, in file-list order, to `global_batch_size` streams (each book to the stream
 with the fewest tokens so far). A stream is its books concatenated, each followed by `<D>`; row i of every
@@ -16,7 +16,14 @@ import numpy as np
 import torch
 
 from languini.common_lib.errors import UserError
-from languini.dataset_lib.layout import END_OF_DOC, PAD, read_books
+from languini.dataset_lib.layout import (
+    END_OF_DOC,
+    PAD,
+    BadTokenFile,
+    dataset_vocab,
+    open_token_file,
+    read_books,
+)
 
 BUFFER_TOKENS = 16384  # per stream: how far ahead the loader reads, in tokens (rounded to whole windows)
 
@@ -41,29 +48,33 @@ def distribute_books(token_counts, n_streams: int) -> list[list[int]]:
     return streams
 
 
-def _open_book(dataset_path: str, rel_path: str, expected: int) -> np.ndarray:
-    """Memory-map one book's token file and check its length against the file list."""
-    path = os.path.join(dataset_path, rel_path)
-    if not os.path.isfile(path):
-        raise UserError(
-            f"token file {path} is missing; re-run `languini data prepare` or `languini data verify`"
-        )
-    tokens = np.load(path, mmap_mode="r", allow_pickle=False)
-    if tokens.ndim != 1 or len(tokens) != expected:
-        raise UserError(
-            f"token file {path} holds {tokens.shape} tokens but the split list says {expected}; "
-            f"the data is inconsistent (`languini data verify`)"
-        )
-    return tokens
+def _open_book(dataset_path: str, rel_path: str, expected: int, vocab_size: int | None,
+               check: bool = True) -> np.ndarray:
+    """Memory-map one book's token file, checked against the file list (length) and the vocabulary (ids);
+    with `check` False (checked before) only a failure to open it leads to the full check and its error."""
+    if not check:
+        try:
+            return np.load(os.path.join(dataset_path, rel_path), mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError):
+            pass
+    try:
+        return open_token_file(dataset_path, rel_path, expected, vocab_size)
+    except BadTokenFile as e:
+        raise UserError(f"{e}; the data is damaged: `languini data verify {dataset_path}` lists every problem, "
+                        f"re-running `languini data prepare` repairs it") from None
 
 
-def read_split_tokens(data_path: str, split: str) -> np.ndarray:
-    """The whole split as one int64 stream (books in list order, `<D>` after every book), for the final eval."""
+def read_split_tokens(data_path: str, split: str, vocab_size: int | None = None) -> np.ndarray:
+    """The whole split as one int64 stream (books in list order, `<D>` after every book), for the final eval.
+
+    Token ids are checked against `vocab_size` (default: the one in meta.json, if any).
+    """
+    vocab_size = vocab_size or dataset_vocab(data_path)
     rows = read_books(data_path, split)
     out = np.empty(sum(n for _, n in rows) + len(rows), dtype=np.int64)
     pos = 0
     for rel, n in rows:
-        out[pos : pos + n] = _open_book(data_path, rel, n)
+        out[pos : pos + n] = _open_book(data_path, rel, n, vocab_size)
         out[pos + n] = END_OF_DOC
         pos += n + 1
     return out
@@ -72,14 +83,15 @@ def read_split_tokens(data_path: str, split: str) -> np.ndarray:
 class _Stream:
     """One stream: its books and where each starts in the stream (book j, then `<D>`, then book j+1...)."""
 
-    def __init__(self, dataset_path, rows, books, end_of_doc_token):
-        self.dataset_path = dataset_path
+    def __init__(self, dataset_path, rows, books, end_of_doc_token, vocab_size):
+        self.dataset_path, self.vocab_size = dataset_path, vocab_size
         self.paths = [rows[b][0] for b in books]
         self.lengths = np.array([rows[b][1] for b in books], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.lengths + 1)])
         self.period = int(self.starts[-1])  # tokens of one pass, every `<D>` included
         self.end_of_doc_token = end_of_doc_token
         self._open = (-1, None)  # (book, memmap) of the last book read
+        self._checked = set()  # books whose token file was checked (a wrapping stream reopens them)
 
     def locate(self, pos: int) -> tuple[int, int]:
         """(book index, offset) of stream position `pos` within one pass; offset == length means its `<D>`."""
@@ -88,7 +100,10 @@ class _Stream:
 
     def _book(self, book: int) -> np.ndarray:
         if self._open[0] != book:
-            self._open = (book, _open_book(self.dataset_path, self.paths[book], int(self.lengths[book])))
+            check = book not in self._checked
+            tokens = _open_book(self.dataset_path, self.paths[book], int(self.lengths[book]), self.vocab_size, check)
+            self._open = (book, tokens)
+            self._checked.add(book)
         return self._open[1]
 
     def read(self, start: int, out: np.ndarray, repeat: bool):
@@ -119,6 +134,8 @@ class LanguiniDatasetIterator:
     the m-th of `micro_batches` contiguous groups of them. Only this rank's books are opened (memory-mapped).
     With `repeat=False` the iteration stops when every stream of the split (all ranks) is exhausted, so all
     ranks stop at the same step; exhausted streams meanwhile give rows that are all padding.
+    Each book is checked when opened (`layout.open_token_file`): a damaged token file or an id >= `vocab_size`
+    (default: the one in meta.json, if any) stops with one line naming the file.
     """
 
     def __init__(
@@ -132,6 +149,7 @@ class LanguiniDatasetIterator:
         device,
         end_of_doc_token: int = END_OF_DOC,
         repeat: bool = True,
+        vocab_size: int | None = None,
     ):
         batch_idxs = [int(i) for i in batch_idxs]
         _check_layout(global_batch_size, batch_idxs, micro_batches, sequence_length)
@@ -151,7 +169,8 @@ class LanguiniDatasetIterator:
                 f"split '{split}' has {len(rows)} books, too few for {global_batch_size} streams that repeat; "
                 f"use a batch size of at most {len(rows)} or a larger split"
             )
-        self.streams = [_Stream(data_path, rows, books[i], end_of_doc_token) for i in batch_idxs]
+        vocab_size = vocab_size or dataset_vocab(data_path)
+        self.streams = [_Stream(data_path, rows, books[i], end_of_doc_token, vocab_size) for i in batch_idxs]
         self._periods = np.array([s.period for s in self.streams], dtype=np.int64)
         # Eval: windows until the last real target of the longest stream of the whole split.
         self.num_batches = None if repeat else max(max(0, -(-(p - 1) // sequence_length)) for p in periods)

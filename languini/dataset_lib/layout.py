@@ -1,4 +1,4 @@
-"""The on-disk layout of a tokenised corpus (DESIGN §3), compatible with the original Languini Books.
+"""The on-disk layout of a tokenised corpus (docs/data.md), compatible with the original Languini Books.
 
     <data_root>/file_list_train.npy          2 columns (str): token file relative to the dataset, count
     <data_root>/file_list_test_iid.npy       split `test`
@@ -8,8 +8,10 @@
 """
 
 import glob
+import hashlib
 import json
 import os
+import posixpath
 
 import numpy as np
 
@@ -57,17 +59,64 @@ def data_root_of(dataset_path: str) -> str:
     return os.path.dirname(os.path.normpath(dataset_path))
 
 
+def _reason(e: BaseException) -> str:
+    """The first line of an exception's message (the whole error must stay one line)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _escapes(rel: str) -> bool:
+    """True when a relative path from a file list or listing is empty, absolute or climbs out with `..`."""
+    return (not rel or "\0" in rel or rel.startswith("/") or ".." in rel.split("/")
+            or posixpath.normpath(rel) == ".")
+
+
+def check_relative(rel: str, where: str):
+    """Refuse a path (read from data: a file list row, a listing) that could name a file outside its folder."""
+    if _escapes(rel):
+        raise UserError(f"{where}: {rel!r} points outside the dataset folder (absolute or '..'); refusing it")
+
+
+def path_inside(folder: str, rel: str, where: str) -> str:
+    """`folder/rel`, refused when rel is absolute, climbs out with `..`, or leads out through a symlink.
+
+    Symlinks *to* the folder (e.g. `data -> /big/disk/data`) are fine; only the part below it is checked.
+    """
+    root = os.path.realpath(folder)
+    real = os.path.realpath(os.path.join(root, rel)) if not _escapes(rel) else ""
+    if not real or real == root or os.path.commonpath([root, real]) != root:
+        raise UserError(f"{where}: {rel!r} points outside {folder}; refusing it")
+    return os.path.join(folder, rel)
+
+
+def _load_npy(path: str, what: str) -> np.ndarray:
+    """A small .npy array (file list, split counts), or one line saying why it cannot be read."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise UserError(f"{what} {path} is damaged or unreadable ({_reason(e)})") from None
+
+
 def read_file_list(data_root: str, split: str) -> list[tuple[str, int]]:
-    """Rows (relative token-file path, token count) of a split, in data order."""
+    """Rows (relative token-file path, token count) of a split, in data order; every row is checked."""
     path = os.path.join(data_root, split_list_name(split))
     if not os.path.isfile(path):
         present = list_splits(data_root) if os.path.isdir(data_root) else []
         hint = f"; present: {', '.join(present)}{did_you_mean(split, present)}" if present else ""
         raise UserError(f"split '{split}' not found: no {path}{hint}")
-    arr = np.load(path, allow_pickle=False)
+    arr = _load_npy(path, "file list")
     if arr.ndim != 2 or arr.shape[1] != 2:
         raise UserError(f"{path} is not a 2-column file list (shape {arr.shape})")
-    return [(str(p), int(n)) for p, n in arr]
+    rows = []
+    for i, (rel, count) in enumerate(arr):
+        check_relative(str(rel), f"{path} row {i}")
+        try:
+            rows.append((str(rel), int(count)))
+        except ValueError:
+            raise UserError(f"{path} row {i}: token count {str(count)!r} is not a whole number") from None
+        if rows[-1][1] < 0:
+            raise UserError(f"{path} row {i}: negative token count {rows[-1][1]}")
+    return rows
 
 
 def write_file_list(data_root: str, split: str, rows):
@@ -98,20 +147,118 @@ def read_books(dataset_path: str, split: str) -> list[tuple[str, int]]:
     rows = read_file_list(data_root_of(dataset_path), split)
     counts_path = split_counts_path(dataset_path, split)
     if os.path.isfile(counts_path):
-        counts = np.load(counts_path)
+        counts = _load_npy(counts_path, "token counts")
+        if counts.ndim != 1 or counts.dtype.kind not in "ui":
+            raise UserError(f"token counts {counts_path} are not a 1-D integer array ({counts.dtype}, {counts.shape})")
         if len(counts) != len(rows):
             raise UserError(f"{counts_path} has {len(counts)} entries but the {split} list has {len(rows)}")
         rows = [(p, int(n)) for (p, _), n in zip(rows, counts)]
     return rows
 
 
+# meta.json fields that code relies on, with their types.
+_META_TYPES = {"dataset": str, "vocab_size": int, "splits": dict, "files": dict, "fingerprint": str,
+               "integrity_sha256": str}
+
+
 def read_meta(dataset_path: str) -> dict:
-    """meta.json of a dataset folder, or {} when absent (e.g. original data linked in)."""
+    """meta.json of a dataset folder, or {} when absent (e.g. original data linked in).
+
+    A meta.json that is not JSON, or whose key fields have the wrong type, is refused in one line.
+    """
     path = os.path.join(dataset_path, "meta.json")
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    damaged = f"restore it, or remove {dataset_path} and prepare the data again"
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise UserError(f"{path} is damaged (not valid JSON: {_reason(e)}); {damaged}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} is damaged (a JSON {type(meta).__name__}, not an object); {damaged}")
+    wrong = [k for k, kind in _META_TYPES.items() if k in meta and not isinstance(meta[k], kind)]
+    if wrong:
+        raise UserError(f"{path} is damaged (field '{wrong[0]}' is not a {_META_TYPES[wrong[0]].__name__}); {damaged}")
+    return meta
+
+
+def dataset_vocab(dataset_path: str) -> int | None:
+    """The vocabulary size recorded in meta.json, or None (original data without meta.json)."""
+    return read_meta(dataset_path).get("vocab_size")
+
+
+class BadTokenFile(UserError):
+    """A token file that does not match its file list row: missing, damaged, wrong dtype, length or ids."""
+
+
+def _expected_dtypes(vocab_size: int | None) -> tuple:
+    return (np.dtype(token_dtype(vocab_size)),) if vocab_size else (np.dtype(np.uint16), np.dtype(np.uint32))
+
+
+def _check_tokens(path: str, tokens: np.ndarray, expected: int, vocab_size: int | None, exact_dtype: bool):
+    """Raise BadTokenFile unless `tokens` is a 1-D integer array of `expected` ids in 0..vocab_size-1."""
+    if tokens.offset + tokens.nbytes != os.path.getsize(path):
+        raise BadTokenFile(f"token file {path} is {os.path.getsize(path)} bytes but its header describes "
+                           f"{tokens.offset + tokens.nbytes}")
+    if tokens.dtype.kind not in "ui" or (exact_dtype and tokens.dtype not in _expected_dtypes(vocab_size)):
+        wanted = " or ".join(str(d) for d in _expected_dtypes(vocab_size))
+        raise BadTokenFile(f"token file {path} holds {tokens.dtype} values, expected {wanted}")
+    if tokens.ndim != 1 or len(tokens) != expected:
+        raise BadTokenFile(f"token file {path} holds {tokens.shape} tokens but the split list says {expected}")
+    if len(tokens) and vocab_size is not None and int(tokens.max()) >= vocab_size:
+        raise BadTokenFile(f"token file {path} holds id {int(tokens.max())}, outside the vocabulary of {vocab_size}")
+    if len(tokens) and tokens.dtype.kind == "i" and int(tokens.min()) < 0:
+        raise BadTokenFile(f"token file {path} holds the negative id {int(tokens.min())}")
+
+
+def open_token_file(dataset_path: str, rel: str, expected: int, vocab_size: int | None = None,
+                    exact_dtype: bool = False) -> np.ndarray:
+    """Memory-map one book's token file after checking it against its file list row (cheap: one pass of max).
+
+    Refused with one line naming the file: a path leading outside the dataset, a missing file, a bad npy
+    header, a size that disagrees with the header, a non-integer dtype (with `exact_dtype`: not the
+    layout's uint16/uint32), a length other than `expected`, ids >= vocab_size (when known).
+    """
+    path = path_inside(dataset_path, rel, "file list entry")
+    if not os.path.isfile(path):
+        raise BadTokenFile(f"token file {path} is missing")
+    try:
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise BadTokenFile(f"token file {path} is damaged (not a readable .npy array: {_reason(e)})") from None
+    _check_tokens(path, tokens, expected, vocab_size, exact_dtype)
+    return tokens
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def corpus_identity(dataset_path: str) -> dict:
+    """What a model trained or evaluated on, cheaply (no token file is read).
+
+    `tokenizer_sha256`: SHA-256 of <dataset>/tokenizer.model, or None without one (original data).
+    `file_lists_sha256`: SHA-256 over every split of the corpus, sorted by name, with its file list's rows
+    (token file, count). Any change to a tokenizer or a file list (a book added, removed, reordered or
+    recounted, a split added or removed) changes the identity; nothing else does.
+    """
+    model = os.path.join(dataset_path, "tokenizer.model")
+    data_root = data_root_of(dataset_path)
+    splits = sorted(list_splits(data_root)) if os.path.isdir(data_root) else []
+    if not splits:
+        raise UserError(f"no file lists (file_list_*.npy) in {data_root}: not a corpus folder")
+    lists = [[split, [[rel, count] for rel, count in read_file_list(data_root, split)]] for split in splits]
+    return {
+        "tokenizer_sha256": sha256_file(model) if os.path.isfile(model) else None,
+        "file_lists_sha256": hashlib.sha256(json.dumps(lists, ensure_ascii=True).encode()).hexdigest(),
+    }
 
 
 def check_dataset(data_root: str, dataset: str, vocab_size: int) -> str:

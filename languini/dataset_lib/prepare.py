@@ -2,7 +2,8 @@
 
 Resumable: a marker file records the preparation's fingerprint (input listing + settings); a re-run with
 the same fingerprint keeps the tokenizer and every finished token file. A finished dataset (meta.json with
-the same fingerprint and intact files) makes a re-run a fast no-op.
+the same fingerprint, intact token files, file lists and counts) makes a re-run a fast no-op.
+The corpus folder is locked (`common_lib.file_lock`) while a preparation writes into it.
 """
 
 import dataclasses
@@ -19,10 +20,13 @@ from tqdm import tqdm
 from languini import __version__
 from languini.common_lib.atomic_io import atomic_write_bytes, atomic_write_json
 from languini.common_lib.errors import UserError
+from languini.common_lib.file_lock import exclusive_lock
 from languini.dataset_lib.integrity_test import file_sizes, integrity_hash
 from languini.dataset_lib.layout import (
+    path_inside,
     read_file_list,
     read_meta,
+    split_counts_path,
     split_list_name,
     write_file_list,
     write_split_counts,
@@ -80,13 +84,22 @@ def _fingerprint(kind: str, splits: dict[str, list[BookRef]], opts: PrepareOptio
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-def _as_user_error(e: OSError) -> Exception:
+# A token file is written as the temporary `.<name>.XXXXXXXX.tmp` first (atomic_io): its name must fit too.
+NAME_MAX = 255
+MAX_TOKEN_FILE_NAME = NAME_MAX - len("..XXXXXXXX.tmp")
+
+
+def os_error_message(e: OSError) -> UserError:
+    """The one-line error for a failed read or write while preparing (disk full, read-only, ulimit -f...)."""
     where = e.filename or "the output folder"
-    if e.errno == errno.ENOSPC:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return UserError(f"disk full while writing {where}; free some space and re-run (finished books are kept)")
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST):
+    if e.errno == errno.EFBIG:
+        return UserError(f"file too large while writing {where}: over the file size limit (`ulimit -f`) "
+                         f"or the file system's; raise the limit and re-run")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
         return UserError(f"cannot write {where}: {e.strerror}; choose another --out")
-    return e
+    return UserError(f"cannot read or write {where}: {e.strerror or e}")
 
 
 def prepare(refs: list[BookRef], description: dict, opts: PrepareOptions) -> dict:
@@ -94,7 +107,20 @@ def prepare(refs: list[BookRef], description: dict, opts: PrepareOptions) -> dic
     try:
         return _prepare(refs, description, opts)
     except OSError as e:
-        raise _as_user_error(e) from None
+        raise os_error_message(e) from None
+
+
+def _marker_fingerprint(marker: str) -> str | None:
+    """The fingerprint an unfinished preparation recorded; a damaged marker is refused in one line."""
+    try:
+        with open(marker, encoding="utf-8") as f:
+            recorded = json.load(f)
+    except ValueError:
+        recorded = None
+    if not isinstance(recorded, dict):
+        folder = os.path.dirname(marker)
+        raise UserError(f"{marker} is damaged; remove {folder} and prepare the data again")
+    return recorded.get("fingerprint")
 
 
 def _check_resumable(dataset_path: str, fingerprint: str) -> dict:
@@ -107,9 +133,8 @@ def _check_resumable(dataset_path: str, fingerprint: str) -> dict:
         return meta
     marker = os.path.join(dataset_path, MARKER)
     if os.path.isfile(marker):
-        with open(marker) as f:
-            if json.load(f).get("fingerprint") != fingerprint:
-                raise UserError(other)
+        if _marker_fingerprint(marker) != fingerprint:
+            raise UserError(other)
     elif os.path.isdir(dataset_path) and os.listdir(dataset_path):
         raise UserError(f"{dataset_path} exists and was not made by `languini data prepare`; choose another --out")
     return {}
@@ -126,11 +151,22 @@ def _resolve_vocab(opts: PrepareOptions) -> tuple[int, bytes | None]:
     return model_vocab, model
 
 
-def _repair_or_finish(dataset_path: str, meta: dict) -> bool:
-    """For a finished dataset: True when intact; else delete its resized token files so they are redone."""
-    expected = meta["files"]
+def _missing_lists(data_root: str, dataset_path: str, splits) -> list[str]:
+    """The file lists and per-dataset count files of `splits` that are not there."""
+    paths = [os.path.join(data_root, split_list_name(s)) for s in splits]
+    paths += [split_counts_path(dataset_path, s) for s in splits]
+    return [p for p in paths if not os.path.isfile(p)]
+
+
+def _repair_or_finish(data_root: str, dataset_path: str, meta: dict) -> bool:
+    """For a finished dataset: True when intact; else delete its resized token files so they are redone.
+
+    A missing file list or count file is not intact either: the re-run writes it again.
+    """
+    expected = meta.get("files", {})
     actual = file_sizes(os.path.join(dataset_path, "files"), dataset_path)
     problems = compare_manifests(expected, actual)
+    problems += [f"missing: {p}" for p in _missing_lists(data_root, dataset_path, meta.get("splits", {}))]
     if not problems:
         return True
     print(f"{dataset_path}: repairing {len(problems)} problem(s), e.g. {problems[0]}", file=sys.stderr)
@@ -144,7 +180,7 @@ def _start(dataset_path: str, fingerprint: str):
     """Mark the folder as an unfinished preparation of this fingerprint; drop a killed run's temp files."""
     files_dir = os.path.join(dataset_path, "files")
     os.makedirs(files_dir, exist_ok=True)
-    for leftover in glob.glob(os.path.join(files_dir, ".*.tmp")):
+    for leftover in glob.glob(os.path.join(files_dir, ".*.npy.*.tmp")):  # atomic_io's temporary names
         os.remove(leftover)
     atomic_write_json(os.path.join(dataset_path, MARKER), {"fingerprint": fingerprint})
     meta_path = os.path.join(dataset_path, "meta.json")
@@ -168,6 +204,16 @@ def _split_stats(splits: dict[str, list[BookRef]], results: dict) -> tuple[dict,
     return kept_by_split, stats
 
 
+def _check_token_files(refs: list[BookRef], dataset_path: str):
+    """Before writing anything: every book's token file must lie inside the dataset and have a usable name."""
+    for ref in refs:
+        path_inside(dataset_path, ref.token_file, f"book '{ref.book_id}'")
+        name = os.path.basename(ref.token_file)
+        if len(os.fsencode(name)) > MAX_TOKEN_FILE_NAME:
+            raise UserError(f"the name of book {ref.origin!r} is too long for its token file ({len(os.fsencode(name))} "
+                            f"bytes in {name[:40]!r}...; at most {MAX_TOKEN_FILE_NAME}); rename the book")
+
+
 def _prepare(refs: list[BookRef], description: dict, opts: PrepareOptions) -> dict:
     source_splits = all(r.split is not None for r in refs)
     if opts.max_books and not source_splits:
@@ -176,16 +222,29 @@ def _prepare(refs: list[BookRef], description: dict, opts: PrepareOptions) -> di
     vocab, given_model = _resolve_vocab(opts)
     tokenizer_sha = hashlib.sha256(given_model).hexdigest() if given_model else None
     fingerprint = _fingerprint(description["kind"], splits, opts, vocab, tokenizer_sha)
-    dataset = f"{opts.name}_{vocab}"
-    dataset_path = os.path.join(opts.out, dataset)
+    dataset_path = os.path.join(opts.out, f"{opts.name}_{vocab}")
+    _check_token_files(refs, dataset_path)
+    with exclusive_lock(opts.out, "corpus folder"):
+        meta = _check_resumable(dataset_path, fingerprint)
+        if meta and _repair_or_finish(opts.out, dataset_path, meta):
+            print(f"{dataset_path} is already prepared (meta.json, token files and file lists match)")
+            print_summary(meta)
+            return meta
+        _start(dataset_path, fingerprint)
+        built = _build(splits, dataset_path, opts, vocab, given_model)
+        meta = _finish(dataset_path, fingerprint, {
+            "format": FORMAT, "dataset": os.path.basename(dataset_path), "vocab_size": vocab,
+            "source": {**description, "books": len(refs)}, "tokenizer": built["tokenizer"],
+            "split_by": "source" if source_splits else opts.split_by,
+            "test_fraction": None if source_splits else opts.test_fraction,
+            "splits": built["splits"], "skipped": built["skipped"]})
+    print_summary(meta)
+    return meta
 
-    meta = _check_resumable(dataset_path, fingerprint)
-    if meta and _repair_or_finish(dataset_path, meta):
-        print(f"{dataset_path} is already prepared (meta.json and token files match)")
-        print_summary(meta)
-        return meta
-    _start(dataset_path, fingerprint)
 
+def _build(splits: dict[str, list[BookRef]], dataset_path: str, opts: PrepareOptions, vocab: int,
+           given_model: bytes | None) -> dict:
+    """Tokenizer, token files, file lists and counts; return the meta.json fields describing them."""
     bad = _BadBooks(opts.strict)
     model_path = os.path.join(dataset_path, "tokenizer.model")
     if given_model is not None:
@@ -204,19 +263,19 @@ def _prepare(refs: list[BookRef], description: dict, opts: PrepareOptions) -> di
         results[result.book_id] = result
     kept_by_split, stats = _split_stats(splits, results)
     _write_lists(opts.out, dataset_path, kept_by_split)
-
-    sizes = file_sizes(os.path.join(dataset_path, "files"), dataset_path)
-    meta = {
-        "format": FORMAT,
-        "dataset": dataset,
-        "vocab_size": vocab,
-        "source": {**description, "books": len(refs)},
+    return {
         "tokenizer": {"file": "tokenizer.model", "sha256": hashlib.sha256(model_file_bytes(model_path)).hexdigest(),
                       "trained_on": "given" if given_model else "train split", "settings": SETTINGS},
-        "split_by": "source" if source_splits else opts.split_by,
-        "test_fraction": None if source_splits else opts.test_fraction,
         "splits": stats,
         "skipped": bad.skipped,
+    }
+
+
+def _finish(dataset_path: str, fingerprint: str, meta: dict) -> dict:
+    """Record the token files' manifest and write meta.json last: from now on the dataset is finished."""
+    sizes = file_sizes(os.path.join(dataset_path, "files"), dataset_path)
+    meta = {
+        **meta,
         "integrity_sha256": integrity_hash(sizes),
         "files": sizes,
         "fingerprint": fingerprint,
@@ -225,7 +284,6 @@ def _prepare(refs: list[BookRef], description: dict, opts: PrepareOptions) -> di
     }
     atomic_write_json(os.path.join(dataset_path, "meta.json"), meta)
     os.remove(os.path.join(dataset_path, MARKER))
-    print_summary(meta)
     return meta
 
 

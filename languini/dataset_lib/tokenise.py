@@ -1,7 +1,7 @@
 """Tokenise books into one token file each: parallel processes, a progress bar, resumable and atomic.
 
 A token file is written atomically (temp file + rename), so a file that exists is complete: a re-run
-skips it and only re-reads the book's text for the split statistics.
+skips it and only re-reads the book's text for the split statistics (a damaged one is written again).
 """
 
 import dataclasses
@@ -62,8 +62,14 @@ def _init_worker(model_path: str, encode_threads: int):
     _WORKER["cut"] = not any("\n" in sp.id_to_piece(i) for i in range(sp.get_piece_size()))
 
 
-def token_count(path: str) -> int:
-    return int(np.load(path, mmap_mode="r").shape[0])
+def finished_count(path: str) -> int | None:
+    """Length of an existing token file, or None when it is damaged (it is then tokenised again)."""
+    try:
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        return None
+    intact = tokens.ndim == 1 and tokens.offset + tokens.nbytes == os.path.getsize(path)
+    return int(tokens.shape[0]) if intact else None
 
 
 def process_book(ref: BookRef, dataset_path: str, vocab_size: int) -> BookResult:
@@ -74,10 +80,9 @@ def process_book(ref: BookRef, dataset_path: str, vocab_size: int) -> BookResult
         return BookResult(ref.book_id, skipped=str(e))
     if not text:
         return BookResult(ref.book_id, skipped=f"{ref.origin} is empty after cleaning")
-    out = os.path.join(dataset_path, ref.token_file)
-    if os.path.isfile(out):
-        tokens = token_count(out)
-    else:
+    out = os.path.join(dataset_path, ref.token_file)  # checked to lie inside the dataset by `prepare`
+    tokens = finished_count(out) if os.path.isfile(out) else None
+    if tokens is None:
         ids = encode_text(_WORKER["sp"], text, _WORKER["cut"], _WORKER["threads"])
         write_token_file(out, ids, vocab_size)
         tokens = len(ids)

