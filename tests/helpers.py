@@ -117,3 +117,47 @@ def sigkill_once_paused(command, timeout=120):
     finally:
         proc.kill()
         proc.wait()
+
+
+def _rank_entry(rank, world_size, store_path, fn, args, results):
+    import torch.distributed as dist
+
+    from languini.train_lib.distributed import World
+
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+    try:
+        results.put((rank, fn(World(rank=rank, local_rank=rank, size=world_size), *args)))
+    except BaseException as e:  # reported to the test, which fails with the rank's error
+        results.put((rank, e))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_ranks(fn, *args, world_size=2, timeout=120):
+    """Run `fn(world, *args)` in `world_size` fresh processes joined by a gloo group; returns the results
+    by rank (a rank's exception is raised here). `fn` and its results must be picklable (a module-level
+    function of a test module)."""
+    import multiprocessing
+    import tempfile
+
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    with tempfile.TemporaryDirectory() as folder:
+        store = os.path.join(folder, "store")
+        procs = [
+            context.Process(target=_rank_entry, args=(rank, world_size, store, fn, args, results))
+            for rank in range(world_size)
+        ]
+        for proc in procs:
+            proc.start()
+        try:
+            by_rank = dict(results.get(timeout=timeout) for _ in procs)
+        finally:
+            for proc in procs:
+                proc.join(timeout=10)
+                if proc.is_alive():
+                    proc.kill()
+    for rank in sorted(by_rank):
+        if isinstance(by_rank[rank], BaseException):
+            raise AssertionError(f"rank {rank} failed: {by_rank[rank]!r}") from by_rank[rank]
+    return [by_rank[rank] for rank in range(world_size)]
