@@ -57,3 +57,13 @@ def test_init_follows_the_recipe():
     assert abs(model.layers[0].mlp.proj.weight.std().item() - 0.02 / (2 * 8) ** 0.5) < 1e-3
     assert model.layers[0].attn.qkv.bias.abs().max() == 0
     assert model.linear.bias is None
+
+
+def test_embedding_enters_the_first_block_scaled_by_sqrt_h_dim_plus_positions():
+    model = Model(tiny_config())
+    seen = []
+    model.layers[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    x = torch.randint(0, 50, (2, 7))
+    model(x, None)
+    expected = model.input_embedding(x) * 32**0.5 + model.position_embedding(torch.arange(7))
+    torch.testing.assert_close(seen[0], expected, rtol=0, atol=0)

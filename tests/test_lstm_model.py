@@ -195,3 +195,38 @@ def test_classic_lstm_heads_only_feed_themselves():
     head_dim = 8
     assert (c_classic[:, :head_dim] - c_quasi[:, :head_dim]).abs().max() > 1e-6
     assert (c_classic[:, head_dim:] - c_quasi[:, head_dim:]).abs().max() < 1e-12
+
+
+def test_embedding_enters_the_first_block_scaled_by_sqrt_h_dim():
+    model = _model()
+    seen = []
+    model.layers[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    x = _tokens(2, 6)
+    model(x, None)
+    torch.testing.assert_close(seen[0], model.input_embedding(x) * 32**0.5, rtol=0, atol=0)
+
+
+def test_classic_lstm_at_one_head_is_torch_lstm():
+    """One head of the classic cell is a standard LSTM: same outputs and final (h, c) as torch.nn.LSTM with
+    the weights mapped (our gate order f, i, z, o with +1 on f; torch's i, f, g, o; no recurrent bias)."""
+    dim = 8
+    cell = _model(non_quasi=True, h_dim=dim, head_dim=dim, n_heads=1, n_layers=1).layers[0].rnn
+    with torch.no_grad():
+        cell.post_head.weight.copy_(torch.eye(dim, dtype=torch.float64))
+        cell.post_head.bias.zero_()
+    f, i, z, o = cell.gates.weight.detach().chunk(4)
+    bf, bi, bz, bo = cell.gates.bias.detach().chunk(4)
+    rf, ri, rz, ro = cell.recurrent.detach()[0].T.chunk(4)  # recurrent[0] is [dim, 4 dim]: h @ R
+    reference = torch.nn.LSTM(dim, dim, batch_first=True, dtype=torch.float64)
+    with torch.no_grad():
+        reference.weight_ih_l0.copy_(torch.cat([i, f, z, o]))
+        reference.bias_ih_l0.copy_(torch.cat([bi, bf + 1.0, bz, bo]))
+        reference.weight_hh_l0.copy_(torch.cat([ri, rf, rz, ro]))
+        reference.bias_hh_l0.zero_()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 11, dim, generator=gen, dtype=torch.float64)
+    c0, h0 = (torch.randn(2, dim, generator=gen, dtype=torch.float64) for _ in range(2))
+    out, (c, h) = cell(x, (c0, h0))
+    expected, (h_ref, c_ref) = reference(x, (h0[None], c0[None]))
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close((c, h), (c_ref[0], h_ref[0]), rtol=1e-12, atol=1e-12)
