@@ -17,6 +17,11 @@ TARGET=$1
 shift
 [[ $TARGET == *:* || $TARGET == /* || $TARGET == .* ]] || TARGET="$TARGET:"  # a bare host: its home
 
+if ! command -v rsync >/dev/null 2>&1; then
+    echo "error: sync.sh needs rsync, which is not installed here; install it (e.g. apt-get install rsync, brew install rsync) and run again" >&2
+    exit 2
+fi
+
 SOURCE="$(cd "$(dirname "$0")" && pwd -P)"
 ROOT="/$(basename "$SOURCE")"  # rsync anchors /patterns at the folder that holds the synced one
 EXCLUDES=(

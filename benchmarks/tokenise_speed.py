@@ -19,8 +19,8 @@ from languini.common_lib.atomic_io import atomic_write_bytes
 from languini.common_lib.errors import exit_on_user_error
 from languini.dataset_lib.sources import folder, load_text
 from languini.dataset_lib.splits import choose_subset
-from languini.dataset_lib.tokenise import tokenise_books
-from languini.dataset_lib.tokenizer import train_tokenizer
+from languini.dataset_lib.tokenise_books import tokenise_books
+from languini.dataset_lib.tokenizer_model import train_tokenizer
 
 DEFAULT_ARCHIVE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gutenberg-400.tar.xz")
 

@@ -17,6 +17,7 @@ COMMANDS = {
     "sweep": ("languini.tools.throughput_sweep:main", "find the largest batch size and its throughput"),
     "flops": ("languini.tools.flops_profile:main", "count FLOPs of a config"),
     "steps": ("languini.tools.steps:main", "turn a compute class (hours or FLOPs) into training steps"),
+    "sample": ("languini.tools.sample:main", "continue a prompt with a trained run, streaming the text"),
     "report": ("languini.report_lib.report:main", "compare runs: tables and scaling plots"),
     "new-project": ("languini.tools.new_project:main", "copy a project folder under a new name"),
 }

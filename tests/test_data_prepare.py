@@ -18,7 +18,7 @@ import pytest
 
 from languini.common_lib.errors import UserError
 from languini.dataset_lib import prepare as prepare_module
-from languini.dataset_lib import tokenise as tokenise_module
+from languini.dataset_lib import tokenise_books as tokenise_module
 from languini.dataset_lib.cli import main as data_main
 from languini.dataset_lib.integrity_test import file_sizes, integrity_hash
 from languini.dataset_lib.layout import END_OF_DOC, list_splits, read_books, read_file_list, read_meta
@@ -83,6 +83,11 @@ def test_folder_prepare_writes_the_layout(prepared):
     assert meta["integrity_sha256"] == integrity_hash(file_sizes(os.path.join(dataset_path, "files")))
     assert meta["files"] == file_sizes(os.path.join(dataset_path, "files"), dataset_path)
     assert not os.path.exists(os.path.join(dataset_path, prepare_module.MARKER))
+    # every book's content hash: the SHA-256 of the cleaned text that was tokenised (add-split compares them)
+    assert {s: set(h) for s, h in meta["book_sha256"].items()} == {s: {r for r, _ in b} for s, b in books.items()}
+    cleaned = folder.clean_gutenberg(book_text(0))
+    assert meta["book_sha256"]["train" if "files/pg100.npy" in meta["book_sha256"]["train"] else "test"][
+        "files/pg100.npy"] == hashlib.sha256(cleaned.encode("utf-8")).hexdigest()
 
 
 def test_folder_text_is_cleaned_before_tokenising(prepared):

@@ -10,12 +10,12 @@ import pytest
 from languini.common_lib.errors import UserError
 from languini.dataset_lib.integrity_test import KNOWN_HASHES, file_sizes, hashed_folder, integrity_hash
 from languini.dataset_lib.integrity_test import main as integrity_main
-from languini.dataset_lib.sources import BookRef
+from languini.dataset_lib.sources import BookRef, read_raw, safe_stem
 from languini.dataset_lib.sources.demo import markdown_to_text
 from languini.dataset_lib.sources.gutenberg import clean_gutenberg, normalise_newlines
 from languini.dataset_lib.splits import assign_splits, choose_subset, stable_hash
-from languini.dataset_lib.tokenise import encode_text, newline_chunks
-from languini.dataset_lib.tokenizer import load_processor, train_tokenizer
+from languini.dataset_lib.tokenise_books import encode_text, newline_chunks
+from languini.dataset_lib.tokenizer_model import load_processor, train_tokenizer
 from languini.dataset_lib.verify import compare_manifests, verify_dataset
 
 
@@ -177,3 +177,20 @@ def test_tokenizer_has_the_special_ids_and_no_bos_eos():
         train_tokenizer(["tiny text"], vocab_size=5000)
     with pytest.raises(UserError):
         load_processor(io.BytesIO(b"junk").getvalue())
+
+
+def test_safe_stem_keeps_plain_ids_and_hashes_the_others():
+    assert safe_stem("pg1234") == "pg1234" and safe_stem("book-1.v2_x") == "book-1.v2_x"
+    for book_id in ("a/b", "../x", "web.jsonl:17", "x" * 101, "日本", ".hidden", "trailing."):
+        stem = safe_stem(book_id)
+        assert stem != book_id and "/" not in stem and len(stem) <= 77 and not stem.startswith(".")
+        assert stem.endswith(hashlib.sha256(book_id.encode()).hexdigest()[:16])
+    assert safe_stem("web.jsonl:17") == f"web.jsonl_17-{hashlib.sha256(b'web.jsonl:17').hexdigest()[:16]}"
+    assert safe_stem("a:b") != safe_stem("a?b")  # one plain form, two ids: the hash tells them apart
+
+
+def test_a_book_can_be_a_slice_of_a_file(tmp_path):
+    path = tmp_path / "texts.bin"
+    path.write_bytes(b"first bookSECOND")
+    ref = BookRef(book_id="b", path=str(path), clean=str.strip, size=6, offset=10, length=6, label="x.jsonl line 2")
+    assert read_raw(ref) == b"SECOND" and ref.origin == "x.jsonl line 2"

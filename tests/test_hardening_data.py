@@ -543,3 +543,12 @@ def test_corpus_identity_changes_with_lists_and_tokenizer_only(tmp_path):
     assert corpus_identity(dataset)["tokenizer_sha256"] == hashlib.sha256(b"model two").hexdigest()
     with pytest.raises(UserError, match="no file lists"):
         corpus_identity(str(tmp_path / "empty" / "d_1"))
+
+
+def test_data_command_mistakes_are_one_line_and_flags_are_never_abbreviated(tmp_path, capsys):
+    """Threat: a usage block instead of one line, or a typo such as `--vocab 320` taken as `--vocab-size`."""
+    books = make_books(tmp_path / "books", n=4)
+    line = one_line_error(capsys, ["prepare", "folder", books, "--vocab", "320", "--no-progress"])
+    assert "unrecognized arguments: --vocab 320" in line
+    assert "invalid choice" in one_line_error(capsys, ["prepare", "nosuchsource"])
+    assert not os.path.exists(tmp_path / "data")

@@ -1,17 +1,36 @@
-"""`languini data prepare SOURCE ...`, `languini data verify DIR`, `languini data info DIR`."""
+"""`languini data prepare SOURCE ...`, `languini data add-split ...`, `languini data verify DIR`, `languini data info DIR`."""
 
 import argparse
 import os
 import sys
 
 from languini.common_lib.errors import UserError, exit_on_user_error
+from languini.dataset_lib.add_split import AddSplitOptions, add_split, open_source
 from languini.dataset_lib.integrity_test import hashed_folder
-from languini.dataset_lib.layout import read_meta
-from languini.dataset_lib.prepare import PrepareOptions, os_error_message, prepare, print_summary
-from languini.dataset_lib.sources import books3, demo, folder, pg19
+from languini.dataset_lib.layout import read_meta, unfinished_splits
+from languini.dataset_lib.prepare import (
+    PrepareOptions,
+    added_splits,
+    os_error_message,
+    prepare,
+    print_summary,
+)
+from languini.dataset_lib.sources import books3, demo, folder, pg19, records
 from languini.dataset_lib.verify import verify_dataset
 
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse without abbreviated flags, whose mistakes are one `error: ...` line and exit code 2
+    (a UserError, printed by `exit_on_user_error`) instead of a usage block."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message} (see --help)")
 
 
 def _common(parser: argparse.ArgumentParser, out: str | None, vocab: int | None):
@@ -33,7 +52,7 @@ def _hashed_splits(parser: argparse.ArgumentParser, test_fraction: float):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="languini data", description="Prepare and check tokenised corpora.")
+    parser = OneLineArgumentParser(prog="languini data", description="Prepare and check tokenised corpora.")
     commands = parser.add_subparsers(dest="command", required=True)
     prep = commands.add_parser("prepare", help="download/read, split and tokenise a corpus")
     sources = prep.add_subparsers(dest="source", required=True, metavar="SOURCE")
@@ -51,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-by", choices=("book", "author"), default="book",
                    help="hold out books, or whole authors (needs a manifest)")
 
+    for kind, what in (("jsonl", ".jsonl/.jsonl.gz files"), ("parquet", ".parquet files (needs pyarrow)")):
+        p = sources.add_parser(kind, help=f"a file or folder of {what}: one book per record (`text`, optional `id`)")
+        p.add_argument("path", help=f"a file or folder of {what}")
+        _common(p, None, 16384)
+        _hashed_splits(p, 0.05)
+
     p = sources.add_parser("pg19", help="PG-19 books downloaded from the public bucket")
     _common(p, "data/pg19", 16384)
     p.add_argument("--base-url", default=pg19.DEFAULT_BASE_URL, help="bucket URL (GCS JSON API listing)")
@@ -62,6 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="the books3 tree")
     _common(p, "data/books", 16384)
     p.add_argument("--split-lists", required=True, help="folder with the original file_list_*.npy")
+
+    p = commands.add_parser("add-split", help="tokenise more held-out books into a new split of a prepared dataset")
+    p.add_argument("source", metavar="SOURCE", help="a folder or .tar/.tar.gz/.tar.xz archive of .txt books, a .jsonl/"
+                   ".jsonl.gz or .parquet file, or a folder of them")
+    p.add_argument("--dataset", required=True, help="the prepared dataset folder, e.g. data/demo/demo_4096")
+    p.add_argument("--name", required=True, help="the split's name (a letter, then letters, digits or _): "
+                   "<corpus>/file_list_test_<name>.npy")
+    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="tokenising processes")
+    p.add_argument("--strict", action="store_true", help="fail on a non-UTF-8 book instead of skipping it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = commands.add_parser("verify", help="check a dataset's file lists and token files (names, sizes, content)")
     p.add_argument("dir", help="dataset folder, e.g. data/demo/demo_4096")
@@ -76,6 +111,8 @@ def _open_source(args):
         return demo.open_books(args.cache)
     if args.source == "folder":
         return folder.open_books(args.path, args.manifest)
+    if args.source in ("jsonl", "parquet"):
+        return records.open_books(args.path, args.source, not args.no_progress)
     if args.source == "pg19":
         return pg19.open_books(args.base_url, args.download_dir, args.download_workers, args.max_books)
     return books3.open_books(args.path, args.split_lists)
@@ -103,6 +140,20 @@ def run_prepare(args) -> int:
     return 0
 
 
+def run_add_split(args) -> int:
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1 (got {args.workers})")
+    options = AddSplitOptions(dataset=os.path.normpath(args.dataset), name=args.name, workers=args.workers,
+                              strict=args.strict, progress=not args.no_progress)
+    try:
+        with open_source(args.source, options.progress) as (refs, description):
+            add_split(refs, description, options)
+    except OSError as e:  # reading the source (add_split's own are handled inside)
+        raise os_error_message(e) from None
+    print(f"evaluate on it with: --eval_data_split {args.name} (or all)")
+    return 0
+
+
 def run_verify(path: str, progress: bool = True) -> int:
     digest, problems = verify_dataset(path, progress)
     if problems:
@@ -122,6 +173,12 @@ def run_info(path: str) -> int:
     source = {k: v for k, v in meta["source"].items() if v is not None}
     print(f"source: {source}")
     print(f"tokenizer: {meta['tokenizer']['trained_on']}, sha256 {meta['tokenizer']['sha256']}")
+    for name, added in added_splits(meta).items():
+        record = added["stats"]["added"]
+        source = record.get("source", {})
+        print(f"split {name}: added {record.get('created')} from {source.get('kind')} {source.get('path')}")
+    for name in unfinished_splits(path):
+        print(f"split {name}: unfinished (an interrupted add-split; re-run it to finish)")
     print(f"created {meta['created']} by languini {meta['languini_version']}")
     return 0
 
@@ -131,6 +188,8 @@ def main(argv=None):
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "prepare":
         return run_prepare(args)
+    if args.command == "add-split":
+        return run_add_split(args)
     if args.command == "verify":
         return run_verify(args.dir, not args.no_progress)
     return run_info(args.dir)

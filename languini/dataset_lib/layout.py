@@ -4,6 +4,7 @@
     <data_root>/file_list_test_iid.npy       split `test`
     <data_root>/file_list_test_<name>.npy    split `<name>`
     <data_root>/<dataset>/files/*.npy        one 1-D uint16 (uint32 when V >= 65535) array per book
+    <data_root>/<dataset>/files/<name>/*.npy  the token files of a split added by `languini data add-split`
     <data_root>/<dataset>/tokenizer.model, meta.json
 """
 
@@ -231,6 +232,17 @@ def open_token_file(dataset_path: str, rel: str, expected: int, vocab_size: int 
         raise BadTokenFile(f"token file {path} is damaged (not a readable .npy array: {_reason(e)})") from None
     _check_tokens(path, tokens, expected, vocab_size, exact_dtype)
     return tokens
+
+
+def add_split_marker(dataset_path: str, name: str) -> str:
+    """The marker file of an unfinished `languini data add-split` of split `name` (removed when it finishes)."""
+    return os.path.join(dataset_path, f".add-split-{name}.json")
+
+
+def unfinished_splits(dataset_path: str) -> list[str]:
+    """Names of the splits whose `add-split` was interrupted (their marker file is still there)."""
+    markers = glob.glob(os.path.join(glob.escape(dataset_path), ".add-split-*.json"))
+    return sorted(os.path.basename(m)[len(".add-split-") : -len(".json")] for m in markers)
 
 
 def sha256_file(path: str) -> str:

@@ -4,6 +4,10 @@ Resumable: a marker file records the preparation's fingerprint (input listing + 
 the same fingerprint keeps the tokenizer and every finished token file. A finished dataset (meta.json with
 the same fingerprint, intact token files, file lists and counts) makes a re-run a fast no-op.
 The corpus folder is locked (`common_lib.file_lock`) while a preparation writes into it.
+
+meta.json records a content hash of every book (`book_sha256`: split -> token file -> SHA-256 of the
+cleaned text), which `add_split` compares with the train books. Splits added later by `add_split` (their
+entry in `splits` has an `added` record) are kept when a re-run of prepare repairs the dataset.
 """
 
 import dataclasses
@@ -33,8 +37,8 @@ from languini.dataset_lib.layout import (
 )
 from languini.dataset_lib.sources import BadBook, BookRef, load_text
 from languini.dataset_lib.splits import assign_splits, choose_subset
-from languini.dataset_lib.tokenise import tokenise_books
-from languini.dataset_lib.tokenizer import SETTINGS, load_processor, model_file_bytes, train_tokenizer
+from languini.dataset_lib.tokenise_books import tokenise_books
+from languini.dataset_lib.tokenizer_model import SETTINGS, load_processor, model_file_bytes, train_tokenizer
 from languini.dataset_lib.verify import compare_manifests
 
 FORMAT = 1
@@ -55,7 +59,7 @@ class PrepareOptions:
     progress: bool = True
 
 
-class _BadBooks:
+class BadBooks:
     """Skips unusable books with one warning each, or stops with --strict."""
 
     def __init__(self, strict: bool):
@@ -110,8 +114,8 @@ def prepare(refs: list[BookRef], description: dict, opts: PrepareOptions) -> dic
         raise os_error_message(e) from None
 
 
-def _marker_fingerprint(marker: str) -> str | None:
-    """The fingerprint an unfinished preparation recorded; a damaged marker is refused in one line."""
+def _marker_record(marker: str) -> dict:
+    """What an unfinished preparation recorded (fingerprint, added splits); a damaged marker is refused."""
     try:
         with open(marker, encoding="utf-8") as f:
             recorded = json.load(f)
@@ -120,7 +124,7 @@ def _marker_fingerprint(marker: str) -> str | None:
     if not isinstance(recorded, dict):
         folder = os.path.dirname(marker)
         raise UserError(f"{marker} is damaged; remove {folder} and prepare the data again")
-    return recorded.get("fingerprint")
+    return recorded
 
 
 def _check_resumable(dataset_path: str, fingerprint: str) -> dict:
@@ -133,7 +137,7 @@ def _check_resumable(dataset_path: str, fingerprint: str) -> dict:
         return meta
     marker = os.path.join(dataset_path, MARKER)
     if os.path.isfile(marker):
-        if _marker_fingerprint(marker) != fingerprint:
+        if _marker_record(marker).get("fingerprint") != fingerprint:
             raise UserError(other)
     elif os.path.isdir(dataset_path) and os.listdir(dataset_path):
         raise UserError(f"{dataset_path} exists and was not made by `languini data prepare`; choose another --out")
@@ -161,12 +165,17 @@ def _missing_lists(data_root: str, dataset_path: str, splits) -> list[str]:
 def _repair_or_finish(data_root: str, dataset_path: str, meta: dict) -> bool:
     """For a finished dataset: True when intact; else delete its resized token files so they are redone.
 
-    A missing file list or count file is not intact either: the re-run writes it again.
+    A missing file list or count file is not intact either: the re-run writes it again. The files of splits
+    added by `add_split` are left alone: re-running its command repairs them.
     """
-    expected = meta.get("files", {})
-    actual = file_sizes(os.path.join(dataset_path, "files"), dataset_path)
+    added = added_splits(meta)
+    theirs = tuple(f"files/{name}/" for name in added)
+    expected = {p: n for p, n in meta.get("files", {}).items() if not p.startswith(theirs)}
+    actual = {p: n for p, n in file_sizes(os.path.join(dataset_path, "files"), dataset_path).items()
+              if not p.startswith(theirs)}
     problems = compare_manifests(expected, actual)
-    problems += [f"missing: {p}" for p in _missing_lists(data_root, dataset_path, meta.get("splits", {}))]
+    own_splits = [s for s in meta.get("splits", {}) if s not in added]
+    problems += [f"missing: {p}" for p in _missing_lists(data_root, dataset_path, own_splits)]
     if not problems:
         return True
     print(f"{dataset_path}: repairing {len(problems)} problem(s), e.g. {problems[0]}", file=sys.stderr)
@@ -176,19 +185,41 @@ def _repair_or_finish(data_root: str, dataset_path: str, meta: dict) -> bool:
     return False
 
 
-def _start(dataset_path: str, fingerprint: str):
-    """Mark the folder as an unfinished preparation of this fingerprint; drop a killed run's temp files."""
-    files_dir = os.path.join(dataset_path, "files")
-    os.makedirs(files_dir, exist_ok=True)
-    for leftover in glob.glob(os.path.join(files_dir, ".*.npy.*.tmp")):  # atomic_io's temporary names
+def remove_temp_files(folder: str):
+    """Drop the temporary token files (atomic_io's `.<name>.npy.XXXXXXXX.tmp`) a killed run left in folder."""
+    os.makedirs(folder, exist_ok=True)
+    for leftover in glob.glob(os.path.join(glob.escape(folder), ".*.npy.*.tmp")):
         os.remove(leftover)
-    atomic_write_json(os.path.join(dataset_path, MARKER), {"fingerprint": fingerprint})
+
+
+def added_splits(meta: dict) -> dict:
+    """The splits that `add_split` added to a dataset: name -> {"stats": its `splits` entry, "book_sha256"}."""
+    hashes = meta.get("book_sha256") or {}
+    return {name: {"stats": stats, "book_sha256": hashes.get(name, {})}
+            for name, stats in meta.get("splits", {}).items() if isinstance(stats, dict) and "added" in stats}
+
+
+def _kept_added_splits(dataset_path: str, meta: dict) -> dict:
+    """The added splits to keep through a (re)build: the finished meta's, else those a marker recorded."""
+    if meta:
+        return added_splits(meta)
+    marker = os.path.join(dataset_path, MARKER)
+    if not os.path.isfile(marker):
+        return {}
+    return _marker_record(marker).get("added_splits") or {}
+
+
+def _start(dataset_path: str, fingerprint: str, added: dict):
+    """Mark the folder as an unfinished preparation of this fingerprint (keeping the added splits' records
+    for a resumed run); drop a killed run's temp files."""
+    remove_temp_files(os.path.join(dataset_path, "files"))
+    atomic_write_json(os.path.join(dataset_path, MARKER), {"fingerprint": fingerprint, "added_splits": added})
     meta_path = os.path.join(dataset_path, "meta.json")
     if os.path.exists(meta_path):
         os.remove(meta_path)  # the dataset is unfinished until meta.json is written again
 
 
-def _split_stats(splits: dict[str, list[BookRef]], results: dict) -> tuple[dict, dict]:
+def split_stats(splits: dict[str, list[BookRef]], results: dict) -> tuple[dict, dict]:
     """(split -> [(book, result)] of the usable books, split -> sizes)."""
     kept_by_split, stats = {}, {}
     for split, refs in splits.items():
@@ -204,7 +235,7 @@ def _split_stats(splits: dict[str, list[BookRef]], results: dict) -> tuple[dict,
     return kept_by_split, stats
 
 
-def _check_token_files(refs: list[BookRef], dataset_path: str):
+def check_token_files(refs: list[BookRef], dataset_path: str):
     """Before writing anything: every book's token file must lie inside the dataset and have a usable name."""
     for ref in refs:
         path_inside(dataset_path, ref.token_file, f"book '{ref.book_id}'")
@@ -223,21 +254,24 @@ def _prepare(refs: list[BookRef], description: dict, opts: PrepareOptions) -> di
     tokenizer_sha = hashlib.sha256(given_model).hexdigest() if given_model else None
     fingerprint = _fingerprint(description["kind"], splits, opts, vocab, tokenizer_sha)
     dataset_path = os.path.join(opts.out, f"{opts.name}_{vocab}")
-    _check_token_files(refs, dataset_path)
+    check_token_files(refs, dataset_path)
     with exclusive_lock(opts.out, "corpus folder"):
         meta = _check_resumable(dataset_path, fingerprint)
         if meta and _repair_or_finish(opts.out, dataset_path, meta):
             print(f"{dataset_path} is already prepared (meta.json, token files and file lists match)")
             print_summary(meta)
             return meta
-        _start(dataset_path, fingerprint)
+        added = _kept_added_splits(dataset_path, meta)
+        _start(dataset_path, fingerprint, added)
         built = _build(splits, dataset_path, opts, vocab, given_model)
         meta = _finish(dataset_path, fingerprint, {
             "format": FORMAT, "dataset": os.path.basename(dataset_path), "vocab_size": vocab,
             "source": {**description, "books": len(refs)}, "tokenizer": built["tokenizer"],
             "split_by": "source" if source_splits else opts.split_by,
             "test_fraction": None if source_splits else opts.test_fraction,
-            "splits": built["splits"], "skipped": built["skipped"]})
+            "splits": {**built["splits"], **{name: a["stats"] for name, a in added.items()}},
+            "book_sha256": {**built["book_sha256"], **{name: a["book_sha256"] for name, a in added.items()}},
+            "skipped": built["skipped"]})
     print_summary(meta)
     return meta
 
@@ -245,7 +279,7 @@ def _prepare(refs: list[BookRef], description: dict, opts: PrepareOptions) -> di
 def _build(splits: dict[str, list[BookRef]], dataset_path: str, opts: PrepareOptions, vocab: int,
            given_model: bytes | None) -> dict:
     """Tokenizer, token files, file lists and counts; return the meta.json fields describing them."""
-    bad = _BadBooks(opts.strict)
+    bad = BadBooks(opts.strict)
     model_path = os.path.join(dataset_path, "tokenizer.model")
     if given_model is not None:
         if not os.path.isfile(model_path) or model_file_bytes(model_path) != given_model:
@@ -261,14 +295,20 @@ def _build(splits: dict[str, list[BookRef]], dataset_path: str, opts: PrepareOpt
         if result.skipped:
             bad(result.book_id, result.skipped)
         results[result.book_id] = result
-    kept_by_split, stats = _split_stats(splits, results)
-    _write_lists(opts.out, dataset_path, kept_by_split)
+    kept_by_split, stats = split_stats(splits, results)
+    write_lists(opts.out, dataset_path, kept_by_split)
     return {
         "tokenizer": {"file": "tokenizer.model", "sha256": hashlib.sha256(model_file_bytes(model_path)).hexdigest(),
                       "trained_on": "given" if given_model else "train split", "settings": SETTINGS},
         "splits": stats,
+        "book_sha256": book_hashes(kept_by_split),
         "skipped": bad.skipped,
     }
+
+
+def book_hashes(kept_by_split: dict) -> dict:
+    """split -> token file -> content hash (SHA-256 of the cleaned text) of the split's usable books."""
+    return {split: {ref.token_file: res.sha256 for ref, res in kept} for split, kept in kept_by_split.items()}
 
 
 def _finish(dataset_path: str, fingerprint: str, meta: dict) -> dict:
@@ -287,11 +327,11 @@ def _finish(dataset_path: str, fingerprint: str, meta: dict) -> dict:
     return meta
 
 
-def _write_lists(data_root: str, dataset_path: str, rows_by_split: dict):
+def write_lists(data_root: str, dataset_path: str, rows_by_split: dict, fix: str = "choose another --out"):
     """File lists and this dataset's per-split token counts.
 
     The lists belong to the corpus, shared by all its vocabularies: an existing list with the same books
-    is kept (its counts are the first dataset's); one with other books is an error.
+    is kept (its counts are the first dataset's); one with other books is an error (`fix` says what to do).
     """
     missing = {}
     for split, kept in rows_by_split.items():
@@ -300,7 +340,7 @@ def _write_lists(data_root: str, dataset_path: str, rows_by_split: dict):
             missing[split] = rows
         elif [path for path, _ in read_file_list(data_root, split)] != [path for path, _ in rows]:
             raise UserError(f"{data_root} already has a different {split_list_name(split)} (another corpus?); "
-                            f"choose another --out")
+                            f"{fix}")
     for split, rows in missing.items():
         write_file_list(data_root, split, rows)
     for split, kept in rows_by_split.items():

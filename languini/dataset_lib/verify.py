@@ -5,6 +5,7 @@ Two kinds of check, one line per problem:
   integrity hash matches); for original data without meta.json, the published hash;
 - the content: a file list for every split in meta.json, each row inside the dataset folder, and each listed
   token file a readable .npy of the layout's dtype, as long as its row says, with ids below the vocabulary.
+Splits added by `languini data add-split` are in meta.json like the others; an interrupted one is a problem.
 """
 
 import os
@@ -20,6 +21,7 @@ from languini.dataset_lib.layout import (
     read_books,
     read_meta,
     split_list_name,
+    unfinished_splits,
 )
 
 
@@ -83,4 +85,6 @@ def verify_dataset(path: str, progress: bool = False) -> tuple[str, list[str]]:
         problems.append(f"hash {digest} differs from meta.json's {meta.get('integrity_sha256')}")
     flagged = {p for p in expected if actual.get(p) != expected[p]}
     problems += check_contents(path, list(meta.get("splits", {})), meta.get("vocab_size"), flagged, progress)
+    problems += [f"unfinished: the add-split of split '{name}' was interrupted; re-run the same "
+                 f"`languini data add-split` command to finish it" for name in unfinished_splits(path)]
     return digest, problems

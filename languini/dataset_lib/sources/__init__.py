@@ -1,13 +1,16 @@
 """Corpus sources for `languini data prepare SOURCE`: each one turns its input into a list of `BookRef`s.
 
-A `BookRef` says where a book's raw bytes are (a file, or a member of a zip archive) and how to clean them,
+A `BookRef` says where a book's raw bytes are (a file, a slice of a file, or a member of a zip archive) and
+how to clean them,
 so that worker processes can load any book on their own. Sources with fixed splits (pg19, books3) set
 `split`; the others leave it to `splits.assign_splits`.
 """
 
 import dataclasses
 import functools
+import hashlib
 import os
+import re
 import zipfile
 from collections.abc import Callable
 
@@ -29,6 +32,9 @@ class BookRef:
     author: str | None = None  # for author-disjoint splits
     rel_path: str | None = None  # token file relative to the dataset folder (default files/<book_id>.npy)
     list_count: int | None = None  # token count to keep in the file list (books3: the original's)
+    offset: int = 0  # with `length`: the book is bytes [offset, offset + length) of `path`
+    length: int | None = None
+    label: str | None = None  # where the book came from, for messages (default: path[:member])
 
     @property
     def token_file(self) -> str:
@@ -36,6 +42,8 @@ class BookRef:
 
     @property
     def origin(self) -> str:
+        if self.label:
+            return self.label
         return f"{self.path}:{self.member}" if self.member else self.path
 
 
@@ -48,7 +56,10 @@ def read_raw(ref: BookRef) -> bytes:
     if ref.member is not None:
         return _open_zip(ref.path).read(ref.member)
     with open(ref.path, "rb") as f:
-        return f.read()
+        if ref.length is None:
+            return f.read()
+        f.seek(ref.offset)
+        return f.read(ref.length)
 
 
 def load_text(ref: BookRef) -> str:
@@ -67,12 +78,23 @@ def cache_dir(*parts: str) -> str:
     return os.path.join(root, *parts)
 
 
-def check_unique_ids(refs: list[BookRef], where: str):
+def check_unique_ids(refs: list[BookRef], where: str,
+                     rule: str = "book ids are file names without extension and must be unique"):
     seen = {}
     for ref in refs:
         if ref.book_id in seen:
-            raise UserError(
-                f"two books in {where} share the id '{ref.book_id}' ({seen[ref.book_id]} and {ref.origin}); "
-                f"book ids are file names without extension and must be unique"
-            )
+            raise UserError(f"two books in {where} share the id '{ref.book_id}' ({seen[ref.book_id]} and "
+                            f"{ref.origin}); {rule}")
         seen[ref.book_id] = ref.origin
+
+
+_SAFE_STEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def safe_stem(book_id: str) -> str:
+    """A token file name (without `.npy`) for any book id: the id itself when it is a plain file name
+    (letters, digits, `._-`, at most 100 characters), else its plain characters and a hash of the id."""
+    if _SAFE_STEM.fullmatch(book_id) and not book_id.endswith("."):
+        return book_id
+    plain = re.sub(r"[^A-Za-z0-9._-]+", "_", book_id)[:60].strip("._-") or "book"
+    return f"{plain}-{hashlib.sha256(book_id.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}"

@@ -25,9 +25,9 @@ ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2")
 
 
 def corpus_name(path: str) -> str:
-    """`../gutenberg-400.tar.xz` -> `gutenberg-400`; `books/` -> `books`."""
+    """`../gutenberg-400.tar.xz` -> `gutenberg-400`; `books/` -> `books`; `web.jsonl.gz` -> `web`."""
     name = os.path.basename(os.path.normpath(path))
-    for suffix in ARCHIVE_SUFFIXES:
+    for suffix in ARCHIVE_SUFFIXES + (".jsonl.gz", ".jsonl", ".parquet"):
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name

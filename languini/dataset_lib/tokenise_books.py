@@ -1,11 +1,14 @@
-"""Tokenise books into one token file each: parallel processes, a progress bar, resumable and atomic.
+"""Books -> token files: each book's cleaned text tokenised into its own token file, in parallel processes
+with a progress bar, resumable and atomic (the SentencePiece model itself is `tokenizer_model.py`'s).
 
 A token file is written atomically (temp file + rename), so a file that exists is complete: a re-run
-skips it and only re-reads the book's text for the split statistics (a damaged one is written again).
+skips it and only re-reads the book's text for the split statistics and its content hash (a damaged one
+is written again).
 """
 
 import dataclasses
 import functools
+import hashlib
 import multiprocessing
 import os
 import time
@@ -15,7 +18,7 @@ from tqdm import tqdm
 
 from languini.dataset_lib.layout import write_token_file
 from languini.dataset_lib.sources import BadBook, BookRef, load_text
-from languini.dataset_lib.tokenizer import load_processor
+from languini.dataset_lib.tokenizer_model import load_processor
 
 CHUNK_CHARS = 1 << 16
 _WORKER: dict = {}  # per process: the SentencePiece processor and whether books may be cut at newlines
@@ -28,6 +31,7 @@ class BookResult:
     text_bytes: int = 0
     chars: int = 0
     skipped: str | None = None  # why the book was left out
+    sha256: str | None = None  # of the cleaned text (UTF-8): the book's content hash
 
 
 def newline_chunks(text: str, size: int = CHUNK_CHARS) -> list[str]:
@@ -86,7 +90,8 @@ def process_book(ref: BookRef, dataset_path: str, vocab_size: int) -> BookResult
         ids = encode_text(_WORKER["sp"], text, _WORKER["cut"], _WORKER["threads"])
         write_token_file(out, ids, vocab_size)
         tokens = len(ids)
-    return BookResult(ref.book_id, tokens, len(text.encode("utf-8")), len(text))
+    data = text.encode("utf-8")
+    return BookResult(ref.book_id, tokens, len(data), len(text), sha256=hashlib.sha256(data).hexdigest())
 
 
 def tokenise_books(refs: list[BookRef], dataset_path: str, model_path: str, vocab_size: int, workers: int,
