@@ -51,3 +51,14 @@ def one_thread(monkeypatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def restore_matmul_precision():
+    """configure_device switches TF32 on process-wide; put the fp32 matmul settings back after each test so
+    that a later test's tolerances meet the settings the session started with."""
+    cuda_tf32, cudnn_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    precision = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(precision)  # first: it also sets the cuda matmul flag
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = cuda_tf32, cudnn_tf32

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from helpers import preset_config
 
 from languini.tools.flops import (
@@ -11,6 +12,7 @@ from languini.tools.flops import (
     build_model,
     count_step_flops,
     param_counts,
+    sdpa_forward_flops,
 )
 from languini.tools.flops_profile import DEEPSPEED_FORWARD_FLOPS, main
 
@@ -60,3 +62,26 @@ def test_profile_command_writes_json(tmp_path, capsys):
 def test_modified_config_is_not_compared_with_deepspeed(capsys):
     assert main(["gpt", "small", "--h_dim", "512", "--train_batch_size", "1"]) == 0
     assert "DeepSpeed profiler" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("preset", ["nano", "small"])
+def test_causal_convention_halves_the_attention_products(preset):
+    """The full convention counts QK^T and AV over all T x T pairs; the causal one half of them."""
+    cfg = preset_config("gpt", preset)
+    count = count_step_flops("gpt", cfg, batch_size=2)
+    products = cfg.n_layers * 2 * (2 * cfg.seq_len**2 * cfg.n_heads * cfg.head_dim) * 2  # two products, batch 2
+    assert count.causal_attention_forward == products
+    assert count.causal_attention_forward_backward == 3 * products
+    assert count.forward_causal == count.forward - products / 2
+    assert count.forward_backward_causal == count.forward_backward - 3 * products / 2
+    assert count.forward_backward_per_token_causal == count.forward_backward_causal / (2 * cfg.seq_len)
+
+
+def test_models_without_causal_attention_count_the_same_in_both_conventions():
+    count = count_step_flops("lstm", preset_config("lstm", "nano"))
+    assert count.causal_attention_forward == 0 and count.forward_backward_causal == count.forward_backward
+
+
+def test_sdpa_flops_of_uneven_shapes():
+    q, k, v = torch.empty(2, 3, 5, 8, device="meta"), torch.empty(2, 3, 7, 8, device="meta"), torch.empty(2, 3, 7, 4, device="meta")
+    assert sdpa_forward_flops(q, k, v) == 2 * 6 * 5 * 7 * (8 + 4)

@@ -1,12 +1,9 @@
-"""The GPU speed paths of issue 7, checked on CPU: chunked cross-entropy, per-block compile, bf16 autocast.
+"""The GPU speed paths, checked on CPU: chunked cross-entropy, per-block compile, bf16 autocast, and the
+precision and compile choices made for a GPU.
 
 Each optimisation must leave the model's mathematics alone: same loss and gradients as the fp32
 reference within fp32 tolerance (cross-entropy), bf16 noise (autocast) or 1e-4 (torch.compile).
 """
-
-import json
-import os
-import subprocess
 
 import numpy as np
 import pytest
@@ -15,15 +12,15 @@ import torch.nn.functional as F
 from helpers import exit_code, preset_config, train_losses
 from torch.profiler import ProfilerActivity, profile
 
+from languini.common_lib import device as device_module
 from languini.common_lib.config import apply_overrides
 from languini.projects.gpt import main as gpt_main
 from languini.projects.gpt.model import Model as GPT
+from languini.train_lib import compile as compile_module
 from languini.train_lib import loss as loss_module
 from languini.train_lib.checkpoint import load_model_weights
 from languini.train_lib.compile import compile_loss, compile_model
 from languini.train_lib.loss import lm_loss
-
-GPU_SH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu.sh")
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
@@ -166,15 +163,77 @@ def test_compiled_training_matches_eager_and_checkpoints_load_eagerly(synthetic_
     torch.testing.assert_close(model(x)[0], reference(x)[0], rtol=1e-3, atol=1e-4)
 
 
-def test_gpu_sh_compares_each_variant_with_its_default_run(tmp_path):
-    """benchmarks/gpu.sh --dry-run with a variant run (extra flags): its speed relative to the plain run."""
-    env = dict(os.environ, LANGUINI_BENCH_OUT=str(tmp_path), LANGUINI_BENCH_RUNS="gpt nano 2;gpt nano 2 --seq_len 16")
-    proc = subprocess.run(["bash", GPU_SH, "--dry-run"], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    (result_file,) = tmp_path.glob("*-dry-run.json")
-    summary = json.loads(result_file.read_text())
-    plain, variant = summary["results"]
-    assert plain["flags"] == "" and "speed_vs_default_run" not in plain
-    assert variant["flags"] == "--seq_len 16"
-    assert variant["speed_vs_default_run"] == pytest.approx(variant["tokens_per_second"] / plain["tokens_per_second"])
-    assert summary["issue7_targets"]["gpt_small_mfu"] is None  # no GPT small run in this pass
+def test_max_autotune_compiles_without_cuda_graphs(monkeypatch):
+    """CUDA graphs would let the next replay overwrite the states carried between steps: max-autotune maps
+    to Inductor's max-autotune-no-cudagraphs, for the blocks, a whole model and the loss alike."""
+    assert compile_module._compile_kwargs("max-autotune") == {"mode": "max-autotune-no-cudagraphs"}
+    assert compile_module._compile_kwargs("default") == {}
+    modes = []
+    real_compile = torch.compile
+
+    def recording_compile(fn, *args, **kwargs):
+        modes.append(kwargs.get("mode"))
+        return real_compile(fn, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    compile_model(_tiny_gpt(n_layers=2), "max-autotune")
+    compile_model(torch.nn.Linear(4, 4), "max-autotune")
+    compile_loss("max-autotune")
+    assert modes == ["max-autotune-no-cudagraphs"] * 4
+
+
+@pytest.mark.parametrize(
+    "native_bf16, expected",
+    [(True, "bf16"), (False, "fp16")],  # Ampere and later / V100, T4 (bf16 only emulated there)
+)
+def test_auto_precision_counts_only_bf16_in_hardware(monkeypatch, native_bf16, expected):
+    calls = []
+
+    def is_bf16_supported(including_emulation=True):
+        calls.append(including_emulation)
+        return native_bf16 or including_emulation  # pre-Ampere: supported only through emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert device_module.resolve_precision("auto", torch.device("cuda", 0)) == expected
+    assert calls == [False]
+    assert device_module.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert device_module.resolve_precision("bf16", torch.device("cuda", 0)) == "bf16"  # asked for: kept
+
+
+def test_auto_precision_on_torch_without_including_emulation(monkeypatch):
+    """torch before 2.5 has no including_emulation: the compute capability decides (bf16 from sm_80)."""
+
+    def old_is_bf16_supported():
+        return True
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", old_is_bf16_supported)
+    for capability, expected in [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert device_module.resolve_precision("auto", torch.device("cuda", 0)) == expected
+
+
+def test_tf32_switched_on_by_a_test_is_switched_off_after_it():
+    """The conftest fixture restores the fp32 matmul settings after each test; this one leaves TF32 on
+    (as configure_device does on CUDA), and the next test checks that it is off again."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("high")
+    _tf32_state.append((torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()))
+
+
+def test_tf32_is_restored_by_the_fixture():
+    if not _tf32_state:
+        pytest.skip("checks what the test before it left behind; run the whole module")
+    assert torch.backends.cudnn.allow_tf32 == _session_tf32[1]
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()) == (
+        _session_tf32[0],
+        _session_tf32[2],
+    )
+
+
+_tf32_state: list = []
+_session_tf32 = (
+    torch.backends.cuda.matmul.allow_tf32,
+    torch.backends.cudnn.allow_tf32,
+    torch.get_float32_matmul_precision(),
+)

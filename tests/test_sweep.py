@@ -1,17 +1,21 @@
 """The batch-size sweep: its search on a fake out-of-memory oracle, the CSV, and its errors."""
 
 import csv
+import json
 import math
+import subprocess
 
 import pytest
 import torch
 from helpers import preset_config
 
 from languini.common_lib.errors import UserError
+from languini.tools import throughput_sweep
 from languini.tools.throughput_sweep import (
     append_rows,
     csv_columns,
     find_largest_fitting,
+    largest_message,
     main,
     make_row,
 )
@@ -75,3 +79,64 @@ def test_cpu_sweep_end_to_end(tmp_path):
     assert main(argv) == 0
     rows = list(csv.DictReader(open(path)))
     assert [r["train_batch_size"] for r in rows] == ["2", "4"] and all(float(r["tokens_per_second"]) > 0 for r in rows)
+
+
+def _fake_trials(monkeypatch, outcome):
+    """Replace the trial processes: outcome(batch) -> (exit code, stderr); a fitting trial writes its JSON."""
+    tried = []
+
+    def fake_run(cmd, env=None, capture_output=True, text=True):
+        batch = int(cmd[cmd.index("--train_batch_size") + 1])
+        tried.append(batch)
+        code, stderr = outcome(batch)
+        if code == 0:
+            result = {"oom": False, "tokens_per_second": 1000.0 * batch, "peak_memory_mb": 10.0 * batch,
+                      "step_ms_median": 1.0, "device": "fake", "precision": "bf16", "flops_per_token": 1.0,
+                      "mfu": 0.5}  # fmt: skip
+            with open(cmd[cmd.index("--json") + 1], "w") as f:
+                json.dump(result, f)
+        return subprocess.CompletedProcess(cmd, code, stdout="", stderr=stderr)
+
+    monkeypatch.setattr(throughput_sweep.subprocess, "run", fake_run)
+    return tried
+
+
+SWEEP = ["gpt", "nano", "--device", "cpu", "--memory_budget_gb", "1000", "--steps", "1"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        "RuntimeError: CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+        "RuntimeError: cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.50 GiB",
+    ],
+)
+def test_library_allocation_failures_near_the_limit_are_bisected_as_oom(tmp_path, monkeypatch, capsys, error):
+    """Below the limit cuBLAS/cuDNN may fail to get a workspace before the caching allocator does: the
+    sweep must treat that trial as out of memory and go on bisecting, not abort."""
+    tried = _fake_trials(monkeypatch, lambda b: (0, "") if b <= 6 else (1, f"Traceback ...\n{error}\n"))
+    assert main([*SWEEP, "--csv", str(tmp_path / "s.csv")]) == 0
+    assert tried == [1, 2, 4, 8, 6, 7]
+    out = capsys.readouterr().out
+    assert "largest batch size that fits: 6 (7 ran out of memory)" in out
+    rows = list(csv.DictReader(open(tmp_path / "s.csv")))
+    assert [r["oom"] for r in rows] == ["False", "False", "False", "True", "False", "True"]
+
+
+def test_a_sweep_that_fits_everything_names_the_cap(tmp_path, monkeypatch, capsys):
+    _fake_trials(monkeypatch, lambda b: (0, ""))
+    assert main([*SWEEP, "--max_batch_size", "8", "--csv", str(tmp_path / "s.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "largest batch size tried: 8, the --max_batch_size cap" in out and "that fits: 8" not in out
+    assert "cap" in largest_message(8, 8) and "cap" not in largest_message(7, 8)
+
+
+def test_other_trial_failures_stop_the_sweep(tmp_path, monkeypatch, capsys):
+    _fake_trials(monkeypatch, lambda b: (0, "") if b < 4 else (1, "RuntimeError: CUDA error: an illegal memory access"))
+    with pytest.raises(SystemExit) as exit_info:
+        main([*SWEEP, "--csv", str(tmp_path / "s.csv")])
+    assert exit_info.value.code == 2
+    assert "the trial at batch size 4 failed (exit 1): RuntimeError: CUDA error: an illegal memory access" in (
+        capsys.readouterr().err
+    )

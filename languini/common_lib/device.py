@@ -32,14 +32,24 @@ def configure_device(device: torch.device):
         keep_cpu_heap()
 
 
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether the GPU runs bf16 in hardware (Ampere and later). `torch.cuda.is_bf16_supported()` alone
+    also says yes where bf16 is only emulated (V100, T4), which is slow: emulation is not counted."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch before 2.5 has no including_emulation; bf16 tensor cores came with sm_80
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` -> bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+    """`auto` -> bf16 on GPUs with bf16 in hardware, fp16 (with a gradient scaler) on older GPUs such as
+    V100 and T4, fp32 on CPU."""
     if precision != "auto":
         if precision == "fp16" and device.type == "cpu":
             raise UserError("fp16 needs a CUDA device; use --precision fp32 or bf16 on CPU")
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if has_native_bf16(device) else "fp16"
     return "fp32"
 
 

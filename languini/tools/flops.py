@@ -5,9 +5,16 @@ QK^T and AV, convolutions), as FlopCounterMode does. Attention is counted over t
 (the causal mask is not subtracted). Embedding lookups, LayerNorm, activations, softmax, the loss and the
 optimiser are not counted; they are a few per cent of a transformer's FLOPs at most.
 
+The causal convention is counted beside it: the FLOPs of every `F.scaled_dot_product_attention(...,
+is_causal=True)` call are recorded (`causal_attention_*`, over the full T x T matrix), and the `*_causal`
+figures count half of them, the share of the score and AV products a causal kernel has to compute
+(T(T+1)/2 of the T^2 pairs, taken as exactly half). Other products (a recurrence's chunked scans, say)
+are counted in full in both conventions.
+
 Counting runs on the `meta` device where the model allows it, so even large presets allocate nothing.
 """
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 
@@ -28,6 +35,8 @@ class FlopCount:
     forward_backward: int
     by_module: dict = field(default_factory=dict)  # module pattern -> (forward, forward+backward)
     counted_on: str = "meta"
+    causal_attention_forward: int = 0  # FLOPs inside causal scaled_dot_product_attention (full T x T)
+    causal_attention_forward_backward: int = 0
 
     @property
     def tokens(self) -> int:
@@ -40,6 +49,23 @@ class FlopCount:
     @property
     def forward_backward_per_token(self) -> float:
         return self.forward_backward / self.tokens
+
+    @property
+    def forward_causal(self) -> float:
+        """Forward FLOPs with causal attention counted as half of the full T x T score and AV products."""
+        return self.forward - self.causal_attention_forward / 2
+
+    @property
+    def forward_backward_causal(self) -> float:
+        return self.forward_backward - self.causal_attention_forward_backward / 2
+
+    @property
+    def forward_per_token_causal(self) -> float:
+        return self.forward_causal / self.tokens
+
+    @property
+    def forward_backward_per_token_causal(self) -> float:
+        return self.forward_backward_causal / self.tokens
 
 
 def build_model(project: str, cfg, device) -> torch.nn.Module:
@@ -70,13 +96,42 @@ def _module_totals(counter: FlopCounterMode) -> dict[str, int]:
     return totals
 
 
-def _count(model, x, y, state, backward: bool) -> tuple[int, dict[str, int]]:
-    with FlopCounterMode(display=False, depth=None) as counter:
+def sdpa_forward_flops(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+    """FLOPs of attention's two products over the full score matrix: Q K^T (2·T·S·d) and P V (2·T·S·d_v)
+    per batch row and head; q [..., T, d], k [..., S, d], v [..., S, d_v]."""
+    batch_heads = q.numel() // (q.shape[-2] * q.shape[-1])
+    t, s, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    return 2 * batch_heads * t * s * (d + dv)
+
+
+@contextlib.contextmanager
+def _recording_causal_attention():
+    """Within the block, every `F.scaled_dot_product_attention(..., is_causal=True)` call adds its forward
+    FLOPs (sdpa_forward_flops) to the yielded list's first element."""
+    functional = torch.nn.functional
+    original = functional.scaled_dot_product_attention
+    total = [0]
+
+    def recording(query, key, value, *args, **kwargs):
+        if kwargs.get("is_causal", len(args) >= 3 and args[2]):
+            total[0] += sdpa_forward_flops(query, key, value)
+        return original(query, key, value, *args, **kwargs)
+
+    functional.scaled_dot_product_attention = recording
+    try:
+        yield total
+    finally:
+        functional.scaled_dot_product_attention = original
+
+
+def _count(model, x, y, state, backward: bool) -> tuple[int, dict[str, int], int]:
+    """(total FLOPs, FLOPs per module, forward FLOPs inside causal attention) of one step."""
+    with FlopCounterMode(display=False, depth=None) as counter, _recording_causal_attention() as causal:
         logits, _ = model(x, state)
         loss = lm_loss(logits, y)
         if backward:
             loss.backward()
-    return counter.get_total_flops(), _module_totals(counter)
+    return counter.get_total_flops(), _module_totals(counter), causal[0]
 
 
 def count_step_flops(project: str, cfg, batch_size: int = 1) -> FlopCount:
@@ -87,14 +142,15 @@ def count_step_flops(project: str, cfg, batch_size: int = 1) -> FlopCount:
             model = build_model(project, cfg, device)
             tokens = torch.randint(0, cfg.vocab_size, (batch_size, cfg.seq_len + 1), device=device)
             x, y = tokens[:, :-1], tokens[:, 1:]
-            fwd, fwd_modules = _count(model, x, y, model.get_init_state(batch_size, device), backward=False)
-            both, both_modules = _count(model, x, y, model.get_init_state(batch_size, device), backward=True)
+            fwd, fwd_modules, causal = _count(model, x, y, model.get_init_state(batch_size, device), backward=False)
+            both, both_modules, _ = _count(model, x, y, model.get_init_state(batch_size, device), backward=True)
         except (NotImplementedError, RuntimeError):
             if device == "cpu":
                 raise
             continue
         by_module = {name: (fwd_modules.get(name, 0), both_modules[name]) for name in both_modules}
-        return FlopCount(batch_size, cfg.seq_len, fwd, both, by_module, counted_on=device)
+        # the backward pass of the two products costs two forward passes, as for every matmul
+        return FlopCount(batch_size, cfg.seq_len, fwd, both, by_module, device, causal, 3 * causal)
     raise AssertionError("unreachable")
 
 

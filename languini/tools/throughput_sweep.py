@@ -4,6 +4,8 @@ Doubles the batch size until the first out-of-memory, then bisects between the l
 failure. Each trial runs `python -m languini.tools.throughput` in a fresh process (so one OOM cannot
 poison the next trial) and becomes a row of `languini/projects/<project>/throughput_results.csv`.
 On CPU there is no OOM to find: a trial "fits" when its peak memory stays within `--memory_budget_gb`.
+A trial that fails because cuBLAS or cuDNN could not allocate their workspace (`*_STATUS_ALLOC_FAILED`),
+as happens just below the memory limit, did not fit either: the search bisects on, it does not stop.
 """
 
 import csv
@@ -23,7 +25,7 @@ from languini.common_lib.atomic_io import atomic_write_text
 from languini.common_lib.config import split_tool_flags
 from languini.common_lib.errors import UserError, exit_on_user_error
 from languini.projects import project_dir
-from languini.tools.throughput import OOM_EXIT_CODE, THROUGHPUT_FLAGS
+from languini.tools.throughput import OOM_EXIT_CODE, THROUGHPUT_FLAGS, is_oom_text
 from languini.tools.tool_args import parse_tool_args
 from languini.train_lib.train_config import TrainConfig
 
@@ -67,6 +69,16 @@ def find_largest_fitting(fits: Callable[[int], bool], start: int = 1, limit: int
     return good, tried
 
 
+def largest_message(largest: int, max_batch_size: int) -> str:
+    """The sweep's verdict: the memory limit, or only the --max_batch_size cap when every size tried fit."""
+    if largest >= max_batch_size:
+        return (
+            f"largest batch size tried: {largest}, the --max_batch_size cap, and it fit: "
+            "the memory limit is higher (raise --max_batch_size to find it)"
+        )
+    return f"largest batch size that fits: {largest} ({largest + 1} ran out of memory)"
+
+
 def csv_columns(cfg) -> list[str]:
     """Row layout: the run, the project's own model fields, then the measurements."""
     model_fields = [f.name for f in dataclasses.fields(cfg) if f.name not in {g.name for g in dataclasses.fields(TrainConfig)}]
@@ -106,13 +118,16 @@ def append_rows(path: str, columns: list[str], rows: list[dict]):
 
 
 def run_trial(trial_argv: list[str], batch_size: int, env: dict) -> dict:
-    """Measure one batch size in a fresh process; {'oom': True} when it ran out of memory."""
+    """Measure one batch size in a fresh process; {'oom': True} when it ran out of memory (exit code 3, killed,
+    or a failure whose output is a CUDA library's out-of-memory message)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         cmd = [sys.executable, "-m", "languini.tools.throughput", *trial_argv,
                "--train_batch_size", str(batch_size), "--json", out]  # fmt: skip
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode == OOM_EXIT_CODE or proc.returncode in (-9, 137):  # 137/-9: killed, e.g. by the OOM killer
+            return {"oom": True}
+        if proc.returncode != 0 and is_oom_text(proc.stderr + proc.stdout):
             return {"oom": True}
         if proc.returncode != 0:
             lines = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()
@@ -169,7 +184,7 @@ def main(argv=None):
         print(f"no batch size from {opts.start_batch_size} fits")
         return 1
     fastest = max((b for b, r in results.items() if not r["oom"]), key=lambda b: results[b]["tokens_per_second"])
-    print(f"largest batch size that fits: {largest}")
+    print(largest_message(largest, opts.max_batch_size))
     print(f"fastest: batch size {fastest} with {results[fastest]['tokens_per_second']:,.0f} tokens/s")
     return 0
 

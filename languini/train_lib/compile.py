@@ -4,6 +4,10 @@ A model with a `layers` ModuleList (GPT, quasi-LSTM) has each block compiled on 
 one compiled graph (torch.compile treats the parameters as inputs), so a 12-layer model compiles about as
 fast as a 1-layer one and the math is unchanged. Anything else is compiled whole. Modules are compiled in
 place (`nn.Module.compile`), so parameter names, state dicts and checkpoints carry no `_orig_mod.`.
+
+`--compile max-autotune` runs Inductor's `max-autotune-no-cudagraphs` mode: plain `max-autotune` also
+captures CUDA graphs, whose outputs live in a static pool that the next replay overwrites, and the
+recurrent states that the trainer carries from one step to the next are such outputs.
 """
 
 from collections.abc import Callable
@@ -14,12 +18,15 @@ from torch import nn
 from languini.train_lib.loss import lm_loss
 
 COMPILE_MODES = ("none", "default", "max-autotune")
+# --compile value -> torch.compile mode; CUDA graphs stay off (states carried between steps are graph outputs)
+INDUCTOR_MODES = {"default": None, "max-autotune": "max-autotune-no-cudagraphs"}
 
 
 def _compile_kwargs(mode: str) -> dict:
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode '{mode}'; valid: {', '.join(COMPILE_MODES)}")
-    return {} if mode == "default" else {"mode": mode}
+    inductor_mode = INDUCTOR_MODES[mode]
+    return {} if inductor_mode is None else {"mode": inductor_mode}
 
 
 def compile_model(model: nn.Module, mode: str) -> nn.Module:
