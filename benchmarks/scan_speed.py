@@ -2,7 +2,8 @@
 
 Prints one JSON object: per kernel the forward and forward + backward time in ms (warm-up excluded,
 device synchronised), the bandwidth that time implies for the minimum memory traffic (forward reads f, u
-and writes c; backward reads f, c, grad_c and writes grad_f, grad_u), and the largest difference of c
+and writes c; backward reads f, c, grad_c and writes grad_f, grad_u; each tensor at its own dtype's
+element size), and the largest difference of c
 from the reference loop. The default shape is one layer of quasi-LSTM small (12 heads x 64 = 768
 channels) at batch 16, seq_len 512. The Triton scan runs on CUDA only; elsewhere it is listed as skipped.
 
@@ -45,6 +46,21 @@ def available_kernels(device: torch.device, block_length: int) -> tuple[dict, di
     return kernels, skipped
 
 
+def traffic_bytes(kernel, inputs: dict) -> tuple[int, int]:
+    """Minimum bytes moved by (forward, backward), each tensor counted at its own dtype's size.
+
+    With `--dtype bf16`, f and u (and their gradients) are 2-byte but c0 and grad_c are fp32, and a
+    kernel may return c in fp32 (the Triton scan) or in the inputs' dtype, so one element size for all
+    would misstate the traffic. One untimed call gives the dtypes of c and the gradients.
+    """
+    f, u, c0, grad_c = inputs["f"], inputs["u"], inputs["c0"], inputs["grad_c"]
+    leaves = [t.detach().requires_grad_() for t in (f, u, c0)]
+    c = kernel(*leaves)
+    grad_f, grad_u, _ = torch.autograd.grad(c, leaves, grad_c)
+    nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+    return nbytes(f) + nbytes(u) + nbytes(c), sum(map(nbytes, (f, c, grad_c, grad_f, grad_u)))
+
+
 def measure(kernel, inputs: dict, device: torch.device, warmup: int, steps: int) -> dict:
     f, u, c0, grad_c = inputs["f"], inputs["u"], inputs["c0"], inputs["grad_c"]
     leaves = [t.detach().requires_grad_() for t in (f, u, c0)]
@@ -58,8 +74,7 @@ def measure(kernel, inputs: dict, device: torch.device, warmup: int, steps: int)
 
     fwd_ms = seconds_per_call(forward, device, warmup, steps) * 1e3
     fwd_bwd_ms = seconds_per_call(forward_backward, device, warmup, steps) * 1e3
-    item, n = f.element_size(), f.numel()
-    fwd_bytes, bwd_bytes = 3 * n * item, 5 * n * item
+    fwd_bytes, bwd_bytes = traffic_bytes(kernel, inputs)
     return {
         "forward_ms": round(fwd_ms, 4),
         "forward_backward_ms": round(fwd_bwd_ms, 4),

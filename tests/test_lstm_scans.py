@@ -1,9 +1,16 @@
 """The block-parallel quasi-LSTM scan equals the step-by-step loop: outputs and all gradients."""
 
+import importlib.util
+import os
+
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from languini.projects.lstm import scans
 from languini.projects.lstm.scans import scan_block_parallel, scan_reference
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
 
@@ -90,3 +97,39 @@ def test_unknown_within_mode_is_rejected():
     inputs, _ = _inputs(1, 4, 2, torch.float32)
     with pytest.raises(ValueError, match="within"):
         scan_block_parallel(*inputs, 2, "diagonal")
+
+
+def test_segment_sums_operator_is_a_full_matmul_with_a_correct_fake():
+    """The matrix form's one matmul is a custom operator (opaque to torch.compile): schema, fake
+    (meta) version and AOT tracing pass torch's own checks, and it is exactly the matmul."""
+    selector, _ = scans._segment_sum_operands(4, torch.float32, torch.device("cpu"))
+    log_f = torch.log(torch.rand(3, 4, 5, generator=torch.Generator().manual_seed(0)))
+    torch.library.opcheck(scans._segment_sums, (selector, log_f))
+    assert torch.equal(scans._segment_sums(selector, log_f), torch.matmul(selector, log_f))
+
+
+@pytest.mark.parametrize("within", WITHIN)
+def test_scan_counts_no_flops_and_runs_on_meta(within):
+    """The scan is elementwise work, which the FLOP counter does not count, in either form (the matrix
+    form's matmul is inside the custom operator); meta tensors give meta results of the right shape."""
+    inputs, weight = _inputs(2, 37, 6, torch.float32)
+    with FlopCounterMode(display=False) as counter:
+        _value_and_grads(lambda f, u, c0: scan_block_parallel(f, u, c0, 4, within), inputs, weight)
+    assert counter.get_total_flops() == 0
+    f, u, c0 = (t.detach().to("meta") for t in inputs)
+    c = scan_block_parallel(f, u, c0, 4, within)
+    assert c.device.type == "meta" and c.shape == f.shape
+
+
+def test_scan_speed_counts_each_tensor_at_its_own_element_size():
+    """benchmarks/scan_speed.py with bf16 f and u: the reference loop returns fp32 c, and grad_c is fp32."""
+    path = os.path.join(REPO_ROOT, "benchmarks", "scan_speed.py")
+    spec = importlib.util.spec_from_file_location("scan_speed", path)
+    scan_speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scan_speed)
+    shape, n = (2, 5, 3), 2 * 5 * 3
+    inputs = {"f": torch.rand(shape).bfloat16(), "u": torch.randn(shape).bfloat16(), "c0": torch.randn(2, 3),
+              "grad_c": torch.randn(shape)}  # fmt: skip
+    forward, backward = scan_speed.traffic_bytes(scan_reference, inputs)
+    assert forward == (2 + 2 + 4) * n  # f, u read (bf16), c written (fp32)
+    assert backward == (2 + 4 + 4 + 2 + 2) * n  # f, c, grad_c read; grad_f, grad_u written

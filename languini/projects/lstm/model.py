@@ -14,7 +14,8 @@ Cells (N = n_heads * head_dim, every gate elementwise per channel, heads only gr
   u = (1 - f) tanh(zx). The reference RTX 3090 throughputs of the paper were measured on this variant.
 - classic LSTM (`non_quasi`): the same gates plus recurrent terms from h_{t-1}; each head has its own
   [head_dim, 4 head_dim] recurrent weight (h of a head feeds only that head's gates). The input
-  projections of all steps are one matmul; each step is one batched matmul over the heads.
+  projections of all steps are one matmul; each step is one batched matmul over the heads. The time
+  loop stays out of torch.compile (`_classic_recurrence`); the layers around it compile.
 All cells end with a post-head Linear(N, h_dim). The recurrence runs in fp32 even under autocast.
 """
 
@@ -89,6 +90,28 @@ class QuasiLSTM(nn.Module):
         return self.post_head(h), (c[:, -1].clone(), h[:, -1].clone())
 
 
+@torch.compiler.disable
+def _classic_recurrence(gates_x, c, h, recurrent):
+    """The classic LSTM's time loop: gates_x [time, heads, batch, 4*head_dim], c and h [heads, batch,
+    head_dim], recurrent [heads, head_dim, 4*head_dim] -> (every h [heads, batch, time, head_dim], c, h).
+
+    Kept out of torch.compile, which would unroll the loop into T copies of the step (about a minute
+    of tracing per layer at T=512); the projections around it still compile. Runs in fp32 even when
+    the caller's autocast reaches it.
+    """
+    dim = h.shape[-1]
+    hs = []
+    with _fp32(gates_x.device):
+        # unbind, not gates_x[t]: indexing in a loop would make backward build T full-size gradients
+        for gates_t in gates_x.unbind(0):
+            pre = torch.baddbmm(gates_t, h, recurrent)
+            f, i, _, o = torch.sigmoid(pre).chunk(4, dim=-1)
+            c = torch.addcmul(i * torch.tanh(pre[..., 2 * dim : 3 * dim]), f, c)
+            h = o * torch.tanh(c)
+            hs.append(h)
+    return torch.stack(hs, dim=2), c, h
+
+
 class ClassicLSTM(nn.Module):
     """Multi-head LSTM with per-head recurrent weights; a loop over time, one batched matmul per step."""
 
@@ -113,16 +136,8 @@ class ClassicLSTM(nn.Module):
             gates_x = _at_least_fp32(gates_x).view(batch, length, 4, heads, dim) + self.forget_offset
             gates_x = gates_x.permute(1, 3, 0, 2, 4).reshape(length, heads, batch, 4 * dim)
             c, h = (s.view(batch, heads, dim).transpose(0, 1) for s in state)  # [heads, batch, head_dim]
-            recurrent = _at_least_fp32(self.recurrent)
-            hs = []
-            # unbind, not gates_x[t]: indexing in a loop would make backward build T full-size gradients
-            for gates_t in gates_x.unbind(0):
-                pre = torch.baddbmm(gates_t, h, recurrent)
-                f, i, _, o = torch.sigmoid(pre).chunk(4, dim=-1)
-                c = torch.addcmul(i * torch.tanh(pre[..., 2 * dim : 3 * dim]), f, c)
-                h = o * torch.tanh(c)
-                hs.append(h)
-            out = torch.stack(hs, dim=2).permute(1, 2, 0, 3).reshape(batch, length, self.width)
+            hs, c, h = _classic_recurrence(gates_x, c, h, _at_least_fp32(self.recurrent))
+            out = hs.permute(1, 2, 0, 3).reshape(batch, length, self.width)
         new_state = tuple(s.transpose(0, 1).reshape(batch, self.width) for s in (c, h))
         return self.post_head(out), new_state
 

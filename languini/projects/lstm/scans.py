@@ -23,6 +23,10 @@ scan, and then dL/df_t = g_t c_{t-1}, dL/du_t = g_t, dL/dc0 = f_1 g_1. Autograd 
 divide by f (small forget gates would amplify rounding), differentiate cumprod, and keep every
 block's L x L matrix alive.
 
+Under torch.compile both forms, forward and backward, trace into the caller's graph with no graph
+break: the matrix form's one matmul is the custom operator `languini::segment_sums` (full fp32
+precision, opaque to the compiler), and the steps form's out= writes become copies (`_into`).
+
 Shapes everywhere: f, u [batch, time, N]; c0 [batch, N]; result c [batch, time, N].
 """
 
@@ -52,6 +56,22 @@ def _ieee_fp32_matmul():
         torch.set_float32_matmul_precision(previous)
 
 
+# The one matmul of the "matrix" form is a custom operator, so torch.compile keeps it whole: reading and
+# setting the global matmul precision cannot be traced (each call was a graph break), and a traced
+# matmul would run at whatever precision (TF32) the compiled graph is launched with. Everything around
+# it (log, mask, exp, products, sums) is traced and fused by the compiler as usual.
+@torch.library.custom_op("languini::segment_sums", mutates_args=())
+def _segment_sums(selector: torch.Tensor, log_f: torch.Tensor) -> torch.Tensor:
+    """selector [L*L, L] @ log_f [blocks, L, N] -> [blocks, L*L, N], at full fp32 precision."""
+    with _ieee_fp32_matmul():
+        return torch.matmul(selector, log_f)
+
+
+@_segment_sums.register_fake
+def _(selector, log_f):
+    return log_f.new_empty(log_f.shape[0], selector.shape[0], log_f.shape[2])
+
+
 def _segment_sum_operands(block_length: int, dtype: torch.dtype, device: torch.device):
     """(selector, mask) with `selector @ log_f + mask` = the segment sums of log f, [L*L, N] per block.
 
@@ -78,11 +98,18 @@ def _blocks_by_matrix(f: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, t
     block_length, width = f.shape[-2:]
     log_f = torch.log(f.clamp_min(torch.finfo(f.dtype).tiny)).reshape(-1, block_length, width)
     selector, mask = _segment_sum_operands(block_length, f.dtype, f.device)
-    with _ieee_fp32_matmul():
-        log_decay = torch.matmul(selector, log_f).add_(mask)
+    log_decay = _segment_sums(selector, log_f).add_(mask)
     decay = log_decay.exp_().view(-1, block_length, block_length, width)  # [block, t, s, N]
     local = decay.mul_(u.reshape(-1, 1, block_length, width)).sum(dim=2)
     return local.view(f.shape), log_f.cumsum(dim=1).exp().view(f.shape)
+
+
+def _into(out: torch.Tensor, op, *args) -> torch.Tensor:
+    """op(*args) written into the view `out`, returned: with out= in eager (no temporary), through a copy
+    under torch.compile, which cannot trace out= into a strided view (and fuses the copy away)."""
+    if torch.compiler.is_compiling():
+        return out.copy_(op(*args))
+    return op(*args, out=out)
 
 
 def _pad_to_blocks(f: torch.Tensor, u: torch.Tensor, block_length: int):
@@ -151,7 +178,7 @@ def _scan_by_steps(
     f_steps, u_steps, out_steps = f.unbind(2), u.unbind(2), out.unbind(2)
     c = entering
     for t in order:
-        c = torch.addcmul(u_steps[t], f_steps[t], c, out=out_steps[t])
+        c = _into(out_steps[t], torch.addcmul, u_steps[t], f_steps[t], c)
     return out.view(batch, -1, width)[:, :length]
 
 
@@ -180,7 +207,7 @@ class _BlockParallelScan(torch.autograd.Function):
         else:
             g = _scan_by_steps(f_next, grad_c, zeros, ctx.block_length, reverse=True)
         grad_f = torch.empty_like(f)  # g_t * c_{t-1}, written in two parts to save a concatenated copy
-        torch.mul(g[:, 1:], c[:, :-1], out=grad_f[:, 1:])
+        _into(grad_f[:, 1:], torch.mul, g[:, 1:], c[:, :-1])
         grad_f[:, 0] = g[:, 0] * c0
         return grad_f, g, f[:, 0] * g[:, 0], None, None
 
