@@ -21,7 +21,14 @@ from languini.dataset_lib import add_split as add_split_module
 from languini.dataset_lib import tokenise_books as tokenise_module
 from languini.dataset_lib.cli import main as data_main
 from languini.dataset_lib.languini_books import LanguiniDatasetIterator, read_split_tokens
-from languini.dataset_lib.layout import END_OF_DOC, list_splits, read_books, read_file_list, read_meta
+from languini.dataset_lib.layout import (
+    END_OF_DOC,
+    corpus_identity,
+    list_splits,
+    read_books,
+    read_file_list,
+    read_meta,
+)
 from languini.dataset_lib.sources.gutenberg import clean_gutenberg
 from languini.dataset_lib.tokenizer_model import load_processor
 from languini.dataset_lib.verify import verify_dataset
@@ -87,7 +94,7 @@ def stream_tokens(dataset, split, seq_len=64) -> np.ndarray:
 def test_round_trip_tokens_verify_info_loader(fresh, tmp_path, capsys):
     data_root, dataset = fresh
     source = new_books(tmp_path / "held_out")
-    before = read_meta(dataset)
+    before, identity = read_meta(dataset), corpus_identity(dataset)
     assert add(dataset, "extra", source) == 0
     assert "--eval_data_split extra" in capsys.readouterr().out
 
@@ -109,6 +116,7 @@ def test_round_trip_tokens_verify_info_loader(fresh, tmp_path, capsys):
     assert meta["fingerprint"] == before["fingerprint"] and meta["integrity_sha256"] != before["integrity_sha256"]
     assert {k: v for k, v in meta["splits"].items() if k != "extra"} == before["splits"]
     assert list_splits(data_root) == ["train", "test", "extra"]
+    assert corpus_identity(dataset) == identity  # runs trained before can be scored on the new split
     assert verify_dataset(dataset) == (meta["integrity_sha256"], [])
     assert not os.path.exists(os.path.join(dataset, ".add-split-extra.json"))
 
@@ -309,3 +317,19 @@ def test_parquet_source_for_prepare_and_add_split(tmp_path, capsys):
     assert verify_dataset(dataset)[1] == []
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "no_text.parquet")
     assert "no `text` column" in one_line_error(capsys, dataset, "other", tmp_path / "no_text.parquet")
+
+
+def test_a_split_added_to_each_vocabulary_of_a_corpus_shares_its_file_list(fresh, prepared, tmp_path, capsys):
+    data_root, dataset = fresh
+    books = os.path.join(os.path.dirname(prepared[0]), "books")
+    other = os.path.join(data_root, run_folder(books, data_root, vocab_size=300)["dataset"])  # tiny_300
+    identity = corpus_identity(other)
+    source = new_books(tmp_path / "held_out")
+    assert add(dataset, "extra", source) == 0
+    assert add(other, "extra", source) == 0  # the corpus's list is kept, this dataset gets its own counts
+    assert corpus_identity(other) == identity
+    for path in (dataset, other):
+        texts = [book_text(s, lines=40) for s in (50, 51, 52)]
+        whole = np.concatenate([np.append(t, END_OF_DOC) for t in expected_tokens(path, texts)])
+        assert np.array_equal(read_split_tokens(path, "extra"), whole) and verify_dataset(path)[1] == []
+    assert len(read_split_tokens(dataset, "extra")) != len(read_split_tokens(other, "extra"))

@@ -252,7 +252,7 @@ def _add_split(refs: list[BookRef], description: dict, opts: AddSplitOptions) ->
     refs = [dataclasses.replace(r, split=name, rel_path=f"files/{name}/{os.path.basename(r.token_file)}")
             for r in refs]
     check_token_files(refs, dataset_path)
-    data_root = data_root_of(dataset_path)
+    data_root = data_root_of(dataset_path) or os.curdir  # `--dataset demo_4096` from inside the corpus folder
     with exclusive_lock(data_root, "corpus folder"):
         meta = _finished_meta(dataset_path)  # read again: another command may have changed it meanwhile
         fingerprint = _fingerprint(refs, description, name, _check_tokenizer(dataset_path, meta))

@@ -260,12 +260,19 @@ def corpus_identity(dataset_path: str) -> dict:
     `file_lists_sha256`: SHA-256 over every split of the corpus, sorted by name, with its file list's rows
     (token file, count). Any change to a tokenizer or a file list (a book added, removed, reordered or
     recounted, a split added or removed) changes the identity; nothing else does.
+    For a dataset with meta.json, "every split" means the splits `prepare` made (recorded in meta.json):
+    an evaluation split added later by `languini data add-split` (to this dataset or to another vocabulary
+    of the corpus) leaves the identity unchanged, so runs trained before it can be scored on it.
     """
     model = os.path.join(dataset_path, "tokenizer.model")
     data_root = data_root_of(dataset_path)
-    splits = sorted(list_splits(data_root)) if os.path.isdir(data_root) else []
+    splits = sorted(list_splits(data_root)) if os.path.isdir(data_root or os.curdir) else []
     if not splits:
         raise UserError(f"no file lists (file_list_*.npy) in {data_root}: not a corpus folder")
+    recorded = read_meta(dataset_path).get("splits")
+    if recorded:
+        prepared = {name for name, stats in recorded.items() if not (isinstance(stats, dict) and "added" in stats)}
+        splits = [s for s in splits if s in prepared]
     lists = [[split, [[rel, count] for rel, count in read_file_list(data_root, split)]] for split in splits]
     return {
         "tokenizer_sha256": sha256_file(model) if os.path.isfile(model) else None,
