@@ -144,10 +144,10 @@ def open_books(path: str, kind: str, progress: bool = True):
     with tempfile.TemporaryDirectory(prefix="languini-records-") as tmp:
         texts = os.path.join(tmp, "texts.bin")
         refs = []
-        with open(texts, "wb") as out:
-            bar = tqdm(files, desc=f"reading {kind}", unit="file", disable=not progress or len(files) < 2)
-            for file, name in bar:
+        with open(texts, "wb") as out, tqdm(desc=f"reading {kind}", unit="book", disable=not progress) as bar:
+            for file, name in files:
                 for book_id, text, where in read(file, name):
+                    bar.update()
                     data = text.encode("utf-8", "surrogatepass")
                     refs.append(BookRef(book_id=book_id, path=texts, clean=clean_gutenberg, size=len(data),
                                         offset=out.tell(), length=len(data), label=where,
