@@ -20,12 +20,14 @@ COMMANDS = {
     "sample": ("languini.tools.sample:main", "continue a prompt with a trained run, streaming the text"),
     "report": ("languini.report_lib.report:main", "compare runs: tables and scaling plots"),
     "new-project": ("languini.tools.new_project:main", "copy a project folder under a new name"),
+    "export": ("languini.tools.export:export_main", "pack a trained run into a verifiable bundle for sharing"),
+    "verify-bundle": ("languini.tools.export:verify_main", "check a bundle's hashes, contents and weights"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: languini COMMAND [ARGS...]", "", "commands:"]
-    lines += [f"  {name:<12} {desc}" for name, (_, desc) in COMMANDS.items()]
+    lines += [f"  {name:<14} {desc}" for name, (_, desc) in COMMANDS.items()]
     lines += ["", "`languini COMMAND --help` describes a command's arguments."]
     return "\n".join(lines)
 

@@ -1,7 +1,9 @@
-"""`languini sample --run_dir DIR --prompt TEXT`: continue a prompt with a trained run, streaming the text.
+"""`languini sample --run_dir DIR|--bundle DIR --prompt TEXT`: continue a prompt with a trained run (or a
+shared bundle), streaming the text.
 
 Works for every project through the project contract: the run's `config.json` names its project, whose
-spec loads the config and builds the model; the weights come from the run's checkpoint. The prompt is
+spec loads the config and builds the model; the weights come from the run's checkpoint, or from a bundle's
+`model.safetensors` after the bundle is verified (its own tokenizer.model is used). The prompt is
 encoded with the dataset's SentencePiece model after an end-of-document token `<D>` (a book starts after
 `<D>` in the training streams), and each new token is decoded and printed as it arrives.
 
@@ -26,14 +28,18 @@ from languini.dataset_lib.cli import OneLineArgumentParser
 from languini.dataset_lib.layout import END_OF_DOC
 from languini.dataset_lib.tokenizer_model import load_processor
 from languini.projects import load_project
-from languini.train_lib.checkpoint import load_model_weights
+from languini.tools.export import meta_model
+from languini.train_lib import bundle
+from languini.train_lib.checkpoint import load_model_state, load_model_weights
 from languini.train_lib.run_folder import CHECKPOINT_NAME
 
 
 def build_parser() -> OneLineArgumentParser:
     parser = OneLineArgumentParser(prog="languini sample", description="Continue a prompt with a trained run, "
                                    "printing the text as it is generated.")
-    parser.add_argument("--run_dir", required=True, help="the run folder (config.json, checkpoints/latest.pt)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run_dir", help="the run folder (config.json, checkpoints/latest.pt)")
+    source.add_argument("--bundle", help="a bundle written by `languini export` (verified before use)")
     parser.add_argument("--prompt", required=True, help="the text to continue (may be empty)")
     parser.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate (default 200)")
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 is greedy (default 1)")
@@ -134,21 +140,29 @@ def _check_options(args):
         raise UserError(f"--temperature must be a finite number >= 0 (got {args.temperature})")
     if args.top_k < 0:
         raise UserError(f"--top_k must be 0 (all tokens) or more (got {args.top_k})")
-    if not os.path.isdir(args.run_dir):
+    if args.run_dir and not os.path.isdir(args.run_dir):
         raise UserError(f"no run folder at {args.run_dir}")
+    if args.bundle and args.checkpoint:
+        raise UserError("--checkpoint applies to --run_dir; a bundle holds its own weights")
 
 
 @exit_on_user_error
 def main(argv=None):
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     _check_options(args)
-    config_path = os.path.join(args.run_dir, "config.json")
+    folder = args.run_dir or args.bundle
+    config_path = os.path.join(folder, "config.json")
     spec = load_project(run_project(config_path))
     cfg = spec.load_run_config(config_path)
-    checkpoint = args.checkpoint or os.path.join(args.run_dir, "checkpoints", CHECKPOINT_NAME)
-    if not os.path.isfile(checkpoint):
-        raise UserError(f"no checkpoint at {checkpoint}; train the run first or pass --checkpoint PATH")
-    tokenizer = args.tokenizer or os.path.join(cfg.data_root, cfg.dataset, "tokenizer.model")
+    if args.bundle:
+        _, weights = bundle.load_bundle(args.bundle, meta_model)
+        checkpoint, default_tokenizer = args.bundle, os.path.join(args.bundle, "tokenizer.model")
+    else:
+        checkpoint = args.checkpoint or os.path.join(args.run_dir, "checkpoints", CHECKPOINT_NAME)
+        if not os.path.isfile(checkpoint):
+            raise UserError(f"no checkpoint at {checkpoint}; train the run first or pass --checkpoint PATH")
+        default_tokenizer = os.path.join(cfg.data_root, cfg.dataset, "tokenizer.model")
+    tokenizer = args.tokenizer or default_tokenizer
     if not os.path.isfile(tokenizer):
         raise UserError(f"no tokenizer at {tokenizer}; pass --tokenizer PATH (the model the run's data was made with)")
     sp = load_processor(tokenizer)
@@ -159,7 +173,11 @@ def main(argv=None):
     device = resolve_device(args.device)
     configure_device(device)
     model = spec.Model(cfg)
-    step = load_model_weights(model, checkpoint).get("step")
+    if args.bundle:
+        load_model_state(model, weights, args.bundle)
+        step = "final"
+    else:
+        step = load_model_weights(model, checkpoint).get("step")
     model = model.to(device).eval()
     stateful = spec.eval_protocol == "stateful"
     print(f"sampling {args.max_new_tokens} tokens from {checkpoint} (project {spec.name}, step {step}) on {device}: "

@@ -16,7 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from languini.common_lib.config import build_preset, load_config_json, parse_config
+from languini.common_lib.config import apply_overrides, build_preset, load_config_json, parse_config
 from languini.common_lib.errors import UserError
 from languini.train_lib.train_config import TrainConfig
 
@@ -83,6 +83,11 @@ class ProjectSpec:
         if cfg.project not in ("", self.name):
             raise UserError(f"--project is set by the project folder ({self.name}); remove --project {cfg.project}")
         return self._stamped(cfg)
+
+    def config_from_dict(self, values: dict):
+        """A config from saved values (a run's or bundle's config.json); fields this project lacks are ignored."""
+        known = {k: v for k, v in values.items() if k in self.Config.__dataclass_fields__}
+        return self._stamped(apply_overrides(self.Config(), known))
 
     def load_run_config(self, path: str):
         """A run's saved config.json; refuses a run that another project trained."""

@@ -1,0 +1,148 @@
+"""Run bundles: a trained run packed for sharing, checked before it is trusted (docs/sharing.md).
+
+A bundle is a folder laid out like a run folder, so `languini report` reads it as one, with the weights in
+the safe `safetensors` format instead of a pickled training checkpoint:
+
+    model.safetensors   the weights only (no optimiser, RNG or loader state; loading runs no code)
+    config.json metrics.jsonl env.json command.txt source.zip eval/<split>.json   as in the run folder
+    corpus.json         the corpus identity (tokenizer and file-list hashes) the run trained on
+    tokenizer.model     the corpus's SentencePiece model, when the run's dataset had one
+    README.md           what it is, the results, the commands that reproduce them, how to verify
+    MANIFEST.sha256     `<sha256>  <path>` for every other file; nothing outside it may be present
+
+`verify_bundle` checks all of that (and that the weights fit the project the config names) and returns one
+line per problem; `load_bundle` verifies first, then returns the config and weights.
+"""
+
+import hashlib
+import json
+import os
+
+import torch
+
+from languini.common_lib.errors import UserError
+
+WEIGHTS = "model.safetensors"
+MANIFEST = "MANIFEST.sha256"
+CONFIG = "config.json"
+CORPUS = "corpus.json"
+REQUIRED = (WEIGHTS, CONFIG, "README.md")
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def bundle_files(folder: str) -> list[str]:
+    """Every file under `folder` (relative paths, sorted), the manifest excepted; links count as files."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            rel = os.path.relpath(os.path.join(root, name), folder)
+            if rel != MANIFEST:
+                out.append(rel.replace(os.sep, "/"))
+    return sorted(out)
+
+
+def manifest_text(folder: str) -> str:
+    return "".join(f"{sha256_of(os.path.join(folder, rel))}  {rel}\n" for rel in bundle_files(folder))
+
+
+def _read_manifest(folder: str, problems: list[str]) -> dict[str, str]:
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        problems.append(f"no {MANIFEST}: not a bundle written by `languini export`")
+        return {}
+    entries = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            digest, sep, rel = line.rstrip("\n").partition("  ")
+            if not sep or len(digest) != 64 or not rel:
+                problems.append(f"{MANIFEST} line {number} is malformed")
+                continue
+            entries[rel] = digest
+    return entries
+
+
+def _check_files(folder: str, problems: list[str]):
+    manifest = _read_manifest(folder, problems)
+    present = bundle_files(folder)
+    for rel in present:
+        full = os.path.join(folder, rel)
+        if os.path.islink(full):
+            problems.append(f"{rel} is a symbolic link (a bundle holds plain files only)")
+        elif rel not in manifest:
+            problems.append(f"{rel} is not in {MANIFEST} (an added file)")
+        elif sha256_of(full) != manifest[rel]:
+            problems.append(f"{rel} does not match its hash in {MANIFEST} (changed or damaged)")
+    for rel in sorted(set(manifest) - set(present)):
+        problems.append(f"{rel} is listed in {MANIFEST} but missing")
+    for rel in REQUIRED:
+        if manifest and rel not in manifest:
+            problems.append(f"{rel} is missing from the bundle")
+
+
+def read_config_dict(folder: str) -> dict:
+    try:
+        with open(os.path.join(folder, CONFIG), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {os.path.join(folder, CONFIG)}: {e}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("project"), str):
+        raise UserError(f"{os.path.join(folder, CONFIG)} does not name its project")
+    return config
+
+
+def read_weights(folder: str) -> dict[str, torch.Tensor]:
+    """The bundle's weights (safetensors: plain tensors, no code runs)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = os.path.join(folder, WEIGHTS)
+    try:
+        return load_file(path, device="cpu")
+    except (OSError, SafetensorError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+def verify_bundle(folder: str, build_model) -> list[str]:
+    """Every problem of the bundle in `folder`, one line each (empty: the bundle is intact).
+
+    `build_model(config_dict)` returns the named project's model (e.g. on the meta device), so the weights
+    are checked against it: names, shapes and parameter count.
+    """
+    if not os.path.isdir(folder):
+        return [f"no bundle folder at {folder}"]
+    problems: list[str] = []
+    _check_files(folder, problems)
+    if problems:
+        return problems
+    try:
+        config = read_config_dict(folder)
+        weights = read_weights(folder)
+        model = build_model(config)
+    except UserError as e:
+        return [str(e)]
+    expected = model.state_dict()
+    problems += [f"{WEIGHTS} lacks {k}" for k in expected if k not in weights]
+    problems += [f"{WEIGHTS} has {k}, which the model does not" for k in weights if k not in expected]
+    problems += [
+        f"{WEIGHTS}: {k} is {tuple(weights[k].shape)}, the model's {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in weights and weights[k].shape != v.shape
+    ]
+    return problems
+
+
+def load_bundle(folder: str, build_model) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config dict, weights) of a verified bundle; a bundle with any problem is refused with one line."""
+    problems = verify_bundle(folder, build_model)
+    if problems:
+        more = f" (and {len(problems) - 1} more: run `languini verify-bundle {folder}`)" if len(problems) > 1 else ""
+        raise UserError(f"bundle {folder} failed verification: {problems[0]}{more}")
+    return read_config_dict(folder), read_weights(folder)
