@@ -1,6 +1,6 @@
 """`languini quickstart`: from a fresh install to a trained and evaluated language model in minutes.
 
-    languini quickstart [--steps N] [--out runs/quickstart] [--project gpt] [--device cpu] [--fresh]
+    languini quickstart [--steps N] [--out runs/quickstart] [--project gpt] [--device cpu] [--overwrite]
 
 1. prepares the demo corpus (Shakespeare's plays, vocabulary 4096) unless it is already there,
 2. trains the project's `nano` preset for N steps (default 600, a few minutes on two CPU cores),
@@ -8,8 +8,9 @@
 4. draws the loss curve as <out>/loss_curve.png.
 
 Running it again with the same --steps continues the run in --out if it was interrupted (if it had
-finished, no step is trained again: the model is only re-evaluated and the curve redrawn). A different
---steps, or --fresh, starts the run over and replaces the previous one in --out.
+finished, no step is trained again: the model is only re-evaluated and the curve redrawn). A run in --out
+with other --steps or --project is never replaced without --overwrite (which then removes only that run's
+own files).
 """
 
 import argparse
@@ -24,6 +25,7 @@ from languini.projects import load_project
 from languini.report_lib.plots import plot_learning_curves
 from languini.report_lib.runs import load_run
 from languini.train_lib.eval_command import run_eval
+from languini.train_lib.loggers import read_metrics
 from languini.train_lib.train_command import run_training
 
 PRESET = "nano"
@@ -48,10 +50,12 @@ def ensure_demo_data(cfg) -> str:
     return check_dataset(cfg.data_root, cfg.dataset, cfg.vocab_size)
 
 
-def reuse_flags(out: str, project: str, steps: int, fresh: bool) -> list[str]:
-    """Flags for a previous quickstart run in `out`: continue it when it is the same run, else replace it."""
+def reuse_flags(out: str, project: str, steps: int, overwrite: bool) -> list[str]:
+    """Flags for a previous quickstart run in `out`: continue it when it is the same run; replace another
+    run only with `overwrite`."""
     config_path = os.path.join(out, "config.json")
-    if not os.path.exists(config_path) and not os.path.isdir(os.path.join(out, "checkpoints")):
+    has_checkpoint = os.path.isfile(os.path.join(out, "checkpoints", "latest.pt"))
+    if not os.path.exists(config_path) and not has_checkpoint:
         return []
     previous = {}
     if os.path.isfile(config_path):
@@ -60,17 +64,29 @@ def reuse_flags(out: str, project: str, steps: int, fresh: bool) -> list[str]:
                 previous = json.load(f)
         except ValueError:
             raise UserError(f"{config_path} is unreadable; choose another --out") from None
+        if not isinstance(previous, dict):
+            raise UserError(f"{config_path} does not hold a run's config; choose another --out")
     if previous.get("preset", PRESET) != PRESET:
         raise UserError(
             f"{out} holds a '{previous.get('preset')}' run, not a quickstart run; choose another --out"
         )
+    if overwrite:
+        print(f"replacing the previous run in {out} (--overwrite)")
+        return ["--overwrite"]
     same = previous.get("project") == project and previous.get("max_train_steps") == steps
-    has_checkpoint = os.path.isfile(os.path.join(out, "checkpoints", "latest.pt"))
-    if same and has_checkpoint and not fresh:
-        print(f"continuing the quickstart run in {out} (pass --fresh to start over)")
+    if same and has_checkpoint:
+        print(f"continuing the quickstart run in {out} (pass --overwrite to start over)")
         return ["--resume", "auto"]
-    print(f"replacing the previous run in {out}")
-    return ["--overwrite"]
+    if same:  # stopped before its first checkpoint: nothing to continue from, nothing finished to lose
+        print(f"starting the unfinished quickstart run in {out} again (it stopped before its first checkpoint)")
+        return ["--overwrite"]
+    done = max((r["step"] for r in read_metrics(out) if isinstance(r.get("step"), int)), default=0)
+    planned = previous.get("max_train_steps")
+    state = "finished" if planned and done >= planned else f"stopped at step {done}"
+    raise UserError(
+        f"{out} holds another quickstart run ({previous.get('project', '?')}, {planned} steps, {state}); "
+        "pass --overwrite to replace it, or choose another --out"
+    )
 
 
 def train_flags(cfg, out: str, steps: int, device: str) -> list[str]:
@@ -84,12 +100,19 @@ def train_flags(cfg, out: str, steps: int, device: str) -> list[str]:
     return [PRESET] + [part for name, value in flags.items() for part in (f"--{name}", str(value))]
 
 
+def _usage_error(message: str):
+    """argparse's mistakes as one `error: ...` line (exit code 2), like every other languini command."""
+    raise UserError(f"{message} (see languini quickstart --help)")
+
+
 @exit_on_user_error
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="languini quickstart",
         description="Prepare the demo corpus, train the `nano` preset on CPU, evaluate it, plot its loss.",
+        allow_abbrev=False,
     )
+    parser.error = _usage_error
     parser.add_argument(
         "--steps", type=int, default=DEFAULT_STEPS, help=f"training steps (default {DEFAULT_STEPS})"
     )
@@ -98,7 +121,10 @@ def main(argv=None):
         "--project", default="gpt", help="project to train (needs a `nano` preset; default gpt)"
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="default cpu")
-    parser.add_argument("--fresh", action="store_true", help="start over even if --out holds this run")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the run in --out (its own files only) and start over"
+    )
+    parser.add_argument("--fresh", dest="overwrite", action="store_true", help=argparse.SUPPRESS)  # older name
     args = parser.parse_args(argv)
     if args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
@@ -113,9 +139,11 @@ def main(argv=None):
         flush=True,
     )
     flags = train_flags(cfg, args.out, args.steps, args.device) + reuse_flags(
-        args.out, args.project, args.steps, args.fresh
+        args.out, args.project, args.steps, args.overwrite
     )
     code = run_training(spec, flags)
+    if code in (130, 143):  # stopped by Ctrl-C / SIGTERM after a checkpoint
+        print(f"for the quick start: run `languini quickstart --steps {args.steps} --out {args.out}` again to continue")
     if code:
         return code
 

@@ -33,6 +33,8 @@ def run(main, data_root, run_dir, *extra):
         (gpt_main, ["--adam_eps", "0"]),
         (gpt_main, ["--max_eval_steps", "0"]),
         (gpt_main, ["--beta2", "1.5"]),
+        (gpt_main, ["--min_lr", "1", "--max_lr", "0.5"]),
+        (gpt_main, ["--ckpt_every_minutes", "-1"]),
         (lstm_main, ["--block_length", "0"]),
         (lstm_main, ["--non_quasi", "--coupled"]),
     ],

@@ -64,29 +64,55 @@ def test_quickstart_trains_evaluates_and_plots(tmp_path, fake_project, capsys):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_rerun_continues_the_same_run_and_replaces_another(tmp_path, fake_project):
+def test_rerun_continues_the_same_run_and_replaces_another_only_with_overwrite(tmp_path, fake_project):
     out = str(tmp_path / "qs")
-    assert quickstart.reuse_flags(out, "gpt", 40, fresh=False) == []
+    assert quickstart.reuse_flags(out, "gpt", 40, overwrite=False) == []
     write_fake_run(out, 40)
-    assert quickstart.reuse_flags(out, "gpt", 40, fresh=False) == ["--resume", "auto"]
-    assert quickstart.reuse_flags(out, "gpt", 40, fresh=True) == ["--overwrite"]
-    assert quickstart.reuse_flags(out, "gpt", 80, fresh=False) == ["--overwrite"]
-    assert quickstart.reuse_flags(out, "lstm", 40, fresh=False) == ["--overwrite"]
-    os.unlink(os.path.join(out, "checkpoints", "latest.pt"))
-    assert quickstart.reuse_flags(out, "gpt", 40, fresh=False) == ["--overwrite"]
+    assert quickstart.reuse_flags(out, "gpt", 40, overwrite=False) == ["--resume", "auto"]
+    assert quickstart.reuse_flags(out, "gpt", 40, overwrite=True) == ["--overwrite"]
+    assert quickstart.reuse_flags(out, "gpt", 80, overwrite=True) == ["--overwrite"]
+    with pytest.raises(UserError, match="another quickstart run .*40 steps, finished.*--overwrite"):
+        quickstart.reuse_flags(out, "gpt", 80, overwrite=False)
+    with pytest.raises(UserError, match="--overwrite"):
+        quickstart.reuse_flags(out, "lstm", 40, overwrite=False)
+    os.unlink(os.path.join(out, "checkpoints", "latest.pt"))  # the same run, stopped before a checkpoint
+    assert quickstart.reuse_flags(out, "gpt", 40, overwrite=False) == ["--overwrite"]
+
+
+def test_a_finished_run_is_never_replaced_without_overwrite(tmp_path, fake_project, capsys):
+    """`languini quickstart --steps 80` over a finished 40-step run: one line, the run untouched."""
+    out = str(tmp_path / "qs")
+    assert quickstart.main(["--steps", "40", "--out", out]) == 0
+    before = open(os.path.join(out, "metrics.jsonl")).read()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        quickstart.main(["--steps", "80", "--out", out])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and "--overwrite" in err
+    assert open(os.path.join(out, "metrics.jsonl")).read() == before and len(fake_project["train"]) == 1
+    assert quickstart.main(["--steps", "80", "--out", out, "--overwrite"]) == 0
+    assert fake_project["train"][-1][-1] == "--overwrite"
 
 
 def test_refuses_to_replace_a_run_that_is_not_a_quickstart(tmp_path):
     out = str(tmp_path / "precious")
     write_fake_run(out, 1000, preset="small")
     with pytest.raises(UserError, match="not a quickstart run"):
-        quickstart.reuse_flags(out, "gpt", 1000, fresh=False)
+        quickstart.reuse_flags(out, "gpt", 1000, overwrite=True)
 
 
 def test_bad_steps_is_a_user_error(capsys):
     with pytest.raises(SystemExit) as exc:
         quickstart.main(["--steps", "0"])
     assert exc.value.code == 2 and "--steps" in capsys.readouterr().err
+
+
+def test_abbreviated_flags_are_refused_in_one_line(capsys):
+    """`--step 10` is not `--steps 10`: argparse's prefix matching is off, and its error is one line."""
+    with pytest.raises(SystemExit) as exc:
+        quickstart.main(["--step", "10"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.startswith("error: ") and "--step" in err and "\n" not in err
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 from languini.common_lib.atomic_io import atomic_write_json, atomic_write_text
-from languini.common_lib.errors import exit_on_user_error
+from languini.common_lib.errors import UserError, exit_on_user_error
 from languini.report_lib.plots import X_LABELS, plot_learning_curves, plot_scaling
 from languini.report_lib.runs import Run, load_runs
 from languini.report_lib.scaling import crossing, fit_power_law
@@ -286,13 +286,20 @@ def build_report(runs: list[Run], out_dir: str, split: str = "test") -> dict:
     return data
 
 
+def _usage_error(message: str):
+    """argparse's mistakes as one `error: ...` line (exit code 2), like every other languini command."""
+    raise UserError(f"{message} (see languini report --help)")
+
+
 @exit_on_user_error
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="languini report",
         description="Compare runs: a markdown table, learning curves, and normalised perplexity against "
         "compute with a power law fitted per project.",
+        allow_abbrev=False,
     )
+    parser.error = _usage_error
     parser.add_argument(
         "run_dirs",
         nargs="+",

@@ -2,10 +2,13 @@
 
 Runs may still be training, may have crashed, or may come from an older version: a missing or partly
 written file gives a warning on the run, never an exception, so a report over many runs always comes out.
+A metrics line whose numbers are not finite numbers (a string, `1e400`, NaN) is skipped with a warning; a
+number of a config or eval file that is not one is dropped with a warning.
 """
 
 import glob
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -22,6 +25,32 @@ RUN_MARKERS = ("config.json", "metrics.jsonl")
 GIT_KEYS = ("git_revision", "git_rev", "git_commit", "git", "revision", "commit")
 AXIS_KEYS = {"step", "tokens", "time", "ref_gpu_hours"}
 PARAM_KEYS = ("n_params", "num_params", "params", "parameters")
+# Numbers the report computes with: a config or eval value that is not a finite number is dropped.
+CONFIG_NUMBERS = ("max_train_steps", "train_batch_size", "seq_len", "vocab_size", "tokens_per_second")
+EVAL_NUMBERS = ("loss", "ppl", "normalised_loss", "normalised_ppl", "bits_per_byte", "top1", "top10", "n_tokens",
+                "n_chars", "n_bytes", "last_n", "checkpoint_step")  # fmt: skip
+
+
+def is_number(value) -> bool:
+    """A finite int or float (JSON's 1e400 parses to inf, and a bool is not a number)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _drop_bad_numbers(data: dict, keys, what: str, warnings: list[str], name: str) -> dict:
+    bad = [k for k in keys if data.get(k) is not None and not is_number(data[k])]
+    for key in bad:
+        warnings.append(f"{name}: {what}: '{key}' is {str(data[key])[:40]!r}, not a finite number; ignored")
+    return {k: v for k, v in data.items() if k not in bad}
+
+
+def _bad_value(record: dict) -> str | None:
+    """The first key of a metrics record whose value is not a finite number (axes must be present numbers)."""
+    for key, value in record.items():
+        if value is None and key not in AXIS_KEYS:
+            continue
+        if not is_number(value):
+            return key
+    return None
 
 
 @dataclass
@@ -191,6 +220,11 @@ def read_metrics(path: str, name: str, warnings: list[str]) -> list[dict]:
             continue
         if not isinstance(record, dict) or not isinstance(record.get("step"), (int, float)):
             continue
+        bad = _bad_value(record)
+        if bad is not None:
+            shown = str(record[bad])[:40]
+            warnings.append(f"{name}: metrics.jsonl line {i + 1}: '{bad}' is {shown!r}, not a finite number; skipped")
+            continue
         step, keys = record["step"], set(record) - AXIS_KEYS
         replayed = records and (step < records[-1]["step"] or keys & logged.get(step, set()))
         if replayed:  # a resumed run logs again from its checkpoint: forget what came after it
@@ -205,7 +239,8 @@ def read_evals(run_dir: str, name: str, warnings: list[str]) -> dict[str, dict]:
     """Every eval/<split>.json of the run, keyed by split name."""
     evals = {}
     for path in sorted(glob.glob(os.path.join(run_dir, "eval", "*.json"))):
-        data = _read_json(path, f"eval/{os.path.basename(path)}", warnings, name)
+        what = f"eval/{os.path.basename(path)}"
+        data = _drop_bad_numbers(_read_json(path, what, warnings, name), EVAL_NUMBERS, what, warnings, name)
         if data:
             evals[str(data.get("split") or os.path.splitext(os.path.basename(path))[0])] = data
     return evals
@@ -218,6 +253,7 @@ def load_run(run_dir: str, name: str | None = None) -> Run:
     name = name or os.path.basename(os.path.normpath(run_dir))
     warnings: list[str] = []
     config = _read_json(os.path.join(run_dir, "config.json"), "config.json", warnings, name)
+    config = _drop_bad_numbers(config, CONFIG_NUMBERS, "config.json", warnings, name)
     metrics = read_metrics(os.path.join(run_dir, "metrics.jsonl"), name, warnings)
     env = _read_json(os.path.join(run_dir, "env.json"), "env.json", warnings, name)
     evals = read_evals(run_dir, name, warnings)

@@ -87,11 +87,19 @@ def _rewrite(path: str, rel: str, old: str, new: str):
         f.write(text)
 
 
+def _usage_error(message: str):
+    """argparse's mistakes as one `error: ...` line (exit code 2), like every other languini command."""
+    raise UserError(f"{message} (see languini new-project --help)")
+
+
 @exit_on_user_error
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="languini new-project", description="Copy a project folder under a new name, ready to train."
+        prog="languini new-project",
+        description="Copy a project folder under a new name, ready to train.",
+        allow_abbrev=False,
     )
+    parser.error = _usage_error
     parser.add_argument("name", help="the new project's name (lowercase Python identifier)")
     parser.add_argument(
         "--from", dest="source", default="gpt", help=f"project to copy: {', '.join(list_projects())}"

@@ -1,12 +1,23 @@
-"""Checkpoints: everything needed to continue a run exactly, written atomically (docs/training.md).
+"""Checkpoints: everything needed to continue a run exactly, written atomically and read safely
+(docs/training.md, docs/reliability.md).
 
 A checkpoint is a dict saved with torch.save: `model` (a clean state dict, without the `module.` of DDP
 or the `_orig_mod.` of torch.compile), `optimizer`, `scheduler`, `scaler`, `step` (completed steps),
-`elapsed` (training wall seconds so far), `config`, and per process (indexed by rank): `loader`, `states`
-(one recurrent state per micro-batch) and `rng` (python, numpy, torch and CUDA generator states).
+`elapsed` (training wall seconds so far), `config`, `world_size`, `corpus` (the identity of the corpus it
+trains on) and per process (indexed by rank): `loader`, `states` (one recurrent state per micro-batch),
+`rng` (python, numpy, torch and CUDA generator states) and `window` (the losses summed since the last
+report).
+
+Everything in it is a tensor or plain Python data (dict, list, tuple, str, int, float, bool, None), so it
+is read with `torch.load(weights_only=True)`: a file that holds any other Python object is refused
+before anything in it runs. The RNG states of Python and NumPy are converted to tensors and ints for that.
 """
 
+import os
+import pickle
 import random
+import re
+import warnings
 
 import numpy as np
 import torch
@@ -15,6 +26,11 @@ from languini.common_lib.atomic_io import atomic_torch_save
 from languini.common_lib.errors import UserError
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# The entries a checkpoint must have to be resumed, with their types.
+TRAINING_ENTRIES = {
+    "model": dict, "optimizer": dict, "scheduler": dict, "step": int, "elapsed": (int, float),
+    "world_size": int, "loader": list, "states": list, "rng": list,
+}  # fmt: skip
 
 
 def clean_state_dict(state_dict: dict) -> dict:
@@ -33,15 +49,31 @@ def clean_state_dict(state_dict: dict) -> dict:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's generator states as tensors and plain Python values (safe to load)."""
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": [int(version), torch.tensor(internal, dtype=torch.int64), gauss_next],
+        "numpy": {
+            "name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+    }  # fmt: skip
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore the generator states saved by `rng_state`."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((int(version), tuple(int(x) for x in internal.tolist()), gauss_next))
+    numpy = state["numpy"]
+    np.random.set_state((
+        numpy["name"], numpy["keys"].numpy().astype(np.uint32), int(numpy["pos"]), int(numpy["has_gauss"]),
+        float(numpy["cached_gaussian"]),
+    ))  # fmt: skip
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -52,24 +84,81 @@ def save_checkpoint(path: str, checkpoint: dict):
     atomic_torch_save(path, checkpoint)
 
 
-def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint written by this trainer (trusted: it holds numpy RNG and loader states)."""
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def load_checkpoint(path: str):
+    """Read a checkpoint without running any code from it (`weights_only=True`): tensors and plain data only.
+
+    Anything else (a pickled object, a damaged or foreign file) is refused with one line.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise UserError(f"no checkpoint at {path}") from None
+        with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files: not our line
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        named = f" ({found.group(1)})" if found else ""
+        raise UserError(
+            f"refusing to load {path}: it holds Python objects other than tensors and plain data{named}, "
+            "which could run code; languini checkpoints never do (re-create one written by an older version)"
+        ) from None
     except Exception as e:  # a foreign or truncated file: say which one
-        raise UserError(f"cannot read checkpoint {path}: {e}") from None
+        raise UserError(f"cannot read checkpoint {path}: {_first_line(e)}") from None
+
+
+def check_training_checkpoint(checkpoint, path: str):
+    """Refuse, in one line, a loadable file that lacks what resuming needs (a foreign or hand-made file)."""
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{path} is not a languini checkpoint (it holds a {type(checkpoint).__name__}, not a dict)")
+    missing = [k for k in TRAINING_ENTRIES if k not in checkpoint]
+    if missing:
+        raise UserError(f"{path} is not a training checkpoint of languini (no {', '.join(missing)})")
+    wrong = [k for k, kind in TRAINING_ENTRIES.items() if not isinstance(checkpoint[k], kind)]
+    if wrong:
+        raise UserError(f"{path} is damaged: its '{wrong[0]}' entry is a {type(checkpoint[wrong[0]]).__name__}")
+    world = checkpoint["world_size"]
+    short = [k for k in ("loader", "states", "rng") if len(checkpoint[k]) != world]
+    if short:
+        raise UserError(f"{path} is damaged: '{short[0]}' has {len(checkpoint[short[0]])} entries for {world} processes")
+
+
+def _shape(value) -> str:
+    return "x".join(map(str, value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def load_model_state(model: torch.nn.Module, state_dict, path: str):
+    """Load a checkpoint's `model` entry into `model`; a mismatch is one line naming the first differences."""
+    if not isinstance(state_dict, dict) or not all(isinstance(k, str) for k in state_dict):
+        raise UserError(f"{path} is damaged: its 'model' entry is not a state dict")
+    given, expected = clean_state_dict(state_dict), model.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in given]
+    problems += [f"unexpected {k}" for k in given if k not in expected]
+    problems += [
+        f"{k} is {_shape(given[k])}, the model's {_shape(v)}"
+        for k, v in expected.items()
+        if k in given and (not isinstance(given[k], torch.Tensor) or given[k].shape != v.shape)
+    ]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UserError(
+            f"{path} does not fit the config (a model flag changed?): {'; '.join(problems[:3])}{more}"
+        )
+    try:
+        model.load_state_dict(given)
+    except RuntimeError as e:
+        raise UserError(f"{path} does not fit the config: {_first_line(e)}") from None
 
 
 def load_model_weights(model: torch.nn.Module, path: str) -> dict:
     """Load the `model` entry of a checkpoint into `model` (prefixes tolerated); returns the checkpoint."""
     checkpoint = load_checkpoint(path)
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
-        raise UserError(f"{path} is not a languini checkpoint (no 'model' entry)")
-    try:
-        model.load_state_dict(clean_state_dict(checkpoint["model"]))
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise UserError(f"{path} does not fit the config (a model flag overridden?): {first}") from None
+        kind = "dict" if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise UserError(f"{path} is not a languini checkpoint (a {kind} without a 'model' entry)")
+    load_model_state(model, checkpoint["model"], path)
     return checkpoint

@@ -7,9 +7,13 @@ Loads `DIR/config.json` and `DIR/checkpoints/latest.pt`, scores each split with 
 (`eval_protocols.PROTOCOLS`), prints a table and writes `DIR/eval/<split>.json` (with --config only: next to
 the config file). Any config flag overrides the run's config (e.g. --test_batch_size, --device,
 --precision, --data_root). Under torchrun the work is split across the processes and the sums added.
+
+The checkpoint is read safely (tensors and plain data only). A run is scored only on the corpus it trained
+on (its recorded corpus identity) unless --allow_other_corpus is given, which the results then record.
 """
 
 import os
+import sys
 import time
 
 import torch
@@ -20,6 +24,7 @@ from languini.common_lib.device import autocast_context, configure_device, resol
 from languini.common_lib.errors import UserError
 from languini.dataset_lib import layout
 from languini.dataset_lib.languini_books import read_split_tokens
+from languini.train_lib import run_folder
 from languini.train_lib.checkpoint import load_model_weights
 from languini.train_lib.distributed import init_distributed, shutdown_distributed, world_from_env
 from languini.train_lib.eval_metrics import all_reduce_sums, metrics_from_sums
@@ -33,6 +38,7 @@ EVAL_FLAGS = {  # eval's own flags, taken out before the config flags
     "run_dir": (str, "", "the run folder (config.json, checkpoints/latest.pt)"),
     "checkpoint": (str, "", "a checkpoint file instead of the run folder's"),
     "config": (str, "", "a config.json instead of the run folder's"),
+    "allow_other_corpus": (bool, False, "score the run on a corpus other than the one it trained on"),
 }
 USAGE = """usage: eval.py --run_dir DIR [--checkpoint PATH] [--eval_data_split S|all] [--last_n N] [--flags]
        eval.py --checkpoint PATH --config PATH [...]
@@ -43,6 +49,7 @@ USAGE = """usage: eval.py --run_dir DIR [--checkpoint PATH] [--eval_data_split S
   --eval_data_split S    a split name, or 'all' for every test split present (default: the config's, 'test')
   --last_n N             GPT sliding window: tokens scored at the end of each window (default 128)
   --test_batch_size N    windows per forward pass
+  --allow_other_corpus   score the run on a corpus other than the one it trained on (recorded in the JSON)
   any other config flag (e.g. --device cpu, --precision fp32, --data_root PATH) overrides the run's config"""
 
 TABLE_COLUMNS = [
@@ -73,21 +80,52 @@ def _locate(own: dict) -> tuple[str, str, str]:
     return config, checkpoint, out_dir
 
 
-def _splits(data_root: str, requested: str) -> list[str]:
-    """The splits to score; unknown names raise the layout's error (which lists the present splits)."""
+def _splits(dataset_path: str, data_root: str, requested: str) -> list[str]:
+    """The splits to score; unknown names raise the layout's error (which lists the present splits), and a
+    split without tokens is named."""
     if requested == "all":
         splits = layout.test_splits(data_root)
         if not splits:
             raise UserError(f"no test splits under {data_root}")
-        return splits
-    layout.read_file_list(data_root, requested)
-    return [requested]
+    else:
+        splits = [requested]
+    for split in splits:
+        if sum(count for _, count in layout.read_books(dataset_path, split)) == 0:
+            raise UserError(
+                f"split '{split}' of {dataset_path} is empty (its file list "
+                f"{os.path.join(data_root, layout.split_list_name(split))} names no tokens): nothing to score"
+            )
+    return splits
 
 
-def _load_model(Model, cfg, checkpoint: str, device) -> tuple[torch.nn.Module, int | None]:
+def _load_model(Model, cfg, checkpoint: str, device) -> tuple[torch.nn.Module, int | None, dict | None]:
+    """The model with the checkpoint's weights, the checkpoint's step and its recorded corpus identity."""
     model = Model(cfg)
-    step = load_model_weights(model, checkpoint).get("step")
-    return model.to(device).eval(), step
+    saved = load_model_weights(model, checkpoint)
+    step, corpus = saved.get("step"), saved.get("corpus")
+    return model.to(device).eval(), step if isinstance(step, int) else None, corpus if isinstance(corpus, dict) else None
+
+
+def _corpus_check(
+    recorded: dict | None, identity: dict, dataset_path: str, allow_other: bool, where: str, announce: bool
+) -> bool:
+    """True when the run is scored on another corpus than it trained on (allowed by --allow_other_corpus);
+    refuses that without the flag. A run without a recorded identity (an older run) gets a warning."""
+    if recorded is None:
+        if announce:
+            print(
+                f"warning: {where} records no corpus identity (an older run); cannot check that {dataset_path} "
+                "is the corpus it trained on",
+                file=sys.stderr,
+            )
+        return False
+    differs = run_folder.corpus_differences(recorded, identity)
+    if differs and not allow_other:
+        raise UserError(
+            f"{where} was trained on another corpus than {dataset_path} (the {' and '.join(differs)} differ); "
+            "pass --allow_other_corpus to score it there anyway"
+        )
+    return bool(differs)
 
 
 def _format_table(rows: list[dict]) -> str:
@@ -122,14 +160,21 @@ def run_eval(spec: ProjectSpec, argv) -> int:
     protocol, Model = spec.eval_protocol, spec.Model
     check_config(cfg)
     dataset_path = layout.check_dataset(cfg.data_root, cfg.dataset, cfg.vocab_size)
-    splits = _splits(cfg.data_root, cfg.eval_data_split)
+    splits = _splits(dataset_path, cfg.data_root, cfg.eval_data_split)
+    identity = layout.corpus_identity(dataset_path)
     world = world_from_env()
     device = resolve_device(cfg.device, world.local_rank)
     precision = resolve_precision(cfg.precision, device)
     configure_device(device)
     init_distributed(world, device)
     try:
-        model, step = _load_model(Model, cfg, checkpoint, device)
+        model, step, recorded = _load_model(Model, cfg, checkpoint, device)
+        run_dir = own.get("run_dir") or os.path.dirname(os.path.abspath(config_path))
+        if recorded is None:
+            recorded = run_folder.read_corpus(run_dir)
+        other_corpus = _corpus_check(
+            recorded, identity, dataset_path, own["allow_other_corpus"], own.get("run_dir") or checkpoint, world.is_main
+        )
         lengths = load_token_lengths(dataset_path, cfg.vocab_size)
         if world.is_main:
             print(f"evaluating {checkpoint} (step {step}) on {device}, {precision}, {world.size} process(es)")
@@ -147,7 +192,7 @@ def run_eval(spec: ProjectSpec, argv) -> int:
             result = {
                 "split": split, **metrics, "last_n": cfg.last_n if protocol != "stateful" else None,
                 "protocol": protocol, "checkpoint_step": step, "seq_len": cfg.seq_len, "checkpoint": checkpoint,
-                "seconds": round(time.time() - started, 3),
+                "seconds": round(time.time() - started, 3), "other_corpus": other_corpus, "corpus": identity,
             }  # fmt: skip
             if world.is_main:
                 atomic_write_json(os.path.join(out_dir, "eval", f"{split}.json"), result)

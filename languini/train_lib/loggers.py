@@ -17,17 +17,20 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def read_metrics(run_dir: str) -> list[dict]:
-    """The records of a run's metrics.jsonl (a torn last line from a crash is skipped)."""
+    """The records of a run's metrics.jsonl (a torn last line from a crash, or a line that is not a record,
+    is skipped)."""
     path = os.path.join(run_dir, METRICS_FILE)
     if not os.path.isfile(path):
         return []
     records = []
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(record, dict) and isinstance(record.get("step", 0), (int, float)):
+                records.append(record)  # anything else is not a line the logger wrote
     return records
 
 

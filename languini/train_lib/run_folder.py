@@ -1,10 +1,12 @@
 """The run folder: where a run keeps its config, environment, metrics and checkpoints (docs/training.md).
 
-    runs/<project>/<exp_name>/  config.json env.json command.txt source.zip metrics.jsonl
-                                checkpoints/latest.pt  tensorboard/  wandb/
+    runs/<project>/<exp_name>/  config.json env.json command.txt source.zip corpus.json metrics.jsonl
+                                checkpoints/latest.pt  tensorboard/  wandb/  eval/  .languini.lock
 
 A folder that already holds a run is never reused silently: `--resume auto` continues it, `--overwrite`
-replaces it, anything else is a UserError (never an interactive prompt).
+replaces it, anything else is a UserError (never an interactive prompt). `--overwrite` removes exactly the
+files a run writes, by name; files the user put in the folder (even inside checkpoints/ or tensorboard/)
+stay. The caller holds the folder's lock (`.languini.lock`, common_lib/file_lock.py) while it claims it.
 """
 
 import datetime
@@ -12,6 +14,7 @@ import io
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import socket
@@ -27,9 +30,14 @@ from languini.common_lib.errors import UserError
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKPOINT_NAME = "latest.pt"
-# What a run writes; `--overwrite` removes exactly these, nothing else the user may have put there.
-RUN_FILES = ("config.json", "env.json", "command.txt", "source.zip", "metrics.jsonl", "wandb_id.txt")
-RUN_DIRS = ("checkpoints", "tensorboard", "wandb")
+CORPUS_FILE = "corpus.json"
+# What a run writes at its top level; `--overwrite` removes exactly these (and, below, the checkpoint, the
+# tensorboard events, the wandb run and eval results it wrote), nothing else the user may have put there.
+RUN_FILES = ("config.json", "env.json", "command.txt", "source.zip", CORPUS_FILE, "metrics.jsonl", "wandb_id.txt")
+# Folders the run writes into: removed by --overwrite only when nothing of the user's is left in them.
+RUN_DIRS = ("checkpoints", "tensorboard", "wandb", "eval")
+TENSORBOARD_EVENTS = re.compile(r"events\.out\.tfevents\.\d+\..+")  # the names SummaryWriter gives its files
+WANDB_LINKS = ("latest-run", "debug.log", "debug-internal.log")  # symlinks wandb keeps beside its runs
 
 
 # Fields a resumed run may change: they steer logging, evaluation and hardware, not what is trained.
@@ -37,7 +45,7 @@ RESUMABLE_CHANGES = {
     "resume", "overwrite", "exp_name", "run_dir", "debug", "data_root", "max_train_steps", "device",
     "precision", "compile", "eval_every", "eval_batch_size", "max_eval_steps", "test_batch_size", "last_n",
     "eval_data_split", "tokens_per_second", "log_terminal_every", "log_metrics_every", "log_grads_every",
-    "log_ckpt_every", "logger_type", "wandb_project_name", "progress_bar",
+    "log_ckpt_every", "ckpt_every_minutes", "logger_type", "wandb_project_name", "progress_bar",
 }  # fmt: skip
 
 
@@ -63,36 +71,134 @@ def checkpoint_path(run_dir: str) -> str:
 
 
 def holds_run(run_dir: str) -> bool:
-    return any(
-        os.path.exists(os.path.join(run_dir, name))
-        for name in ("config.json", "metrics.jsonl", "checkpoints")
+    """True when `run_dir` holds a run's files (its lock file or an empty checkpoints/ alone are not a run)."""
+    return os.path.isfile(checkpoint_path(run_dir)) or any(
+        os.path.lexists(os.path.join(run_dir, name)) for name in RUN_FILES
     )
 
 
 def claim_run_dir(run_dir: str, resume: str, overwrite: bool) -> bool:
     """Make `run_dir` ready for this run; returns True when a checkpoint there should be resumed.
 
-    Called on the main process only.
+    Called on the main process only, with the folder's lock held. Refuses (UserError, nothing changed) a
+    folder holding a run unless `--resume auto` finds its checkpoint or `--overwrite` replaces it.
     """
     if resume not in ("", "auto"):
         raise UserError(f"--resume takes 'auto' (continue the run in its folder), got '{resume}'")
     if resume == "auto" and os.path.isfile(checkpoint_path(run_dir)):
+        remove_stale_temp_files(run_dir)
         return True
     if holds_run(run_dir):
-        if resume == "auto":  # killed before its first checkpoint: nothing to continue from
-            print(f"--resume auto: no checkpoint in {run_dir}, starting the run again")
-        elif not overwrite:
+        if not overwrite and resume == "auto":  # stopped before its first checkpoint: nothing to continue
+            raise UserError(
+                f"{run_dir} holds a run without a checkpoint (it stopped before writing one): pass --overwrite "
+                "to start it again, or another --run_dir"
+            )
+        if not overwrite:
             raise UserError(
                 f"{run_dir} already holds a run; pass --resume auto to continue it, --overwrite to replace it, "
                 "or choose another --exp_name / --run_dir"
             )
-        for name in RUN_FILES:
-            if os.path.isfile(os.path.join(run_dir, name)):
-                os.unlink(os.path.join(run_dir, name))
-        for name in RUN_DIRS:
-            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+        remove_run_files(run_dir)
+    remove_stale_temp_files(run_dir)
     os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
     return False
+
+
+def _unlink(path: str, removed: list[str]):
+    """Remove a file (or a symlink, never what it points to) when it is there."""
+    if os.path.islink(path) or os.path.isfile(path):
+        os.unlink(path)
+        removed.append(path)
+
+
+def _is_eval_result(path: str) -> bool:
+    """An eval/<split>.json that eval.py wrote (it names its split, protocol and checkpoint)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"split", "protocol", "checkpoint_step"} <= set(data)
+
+
+def _wandb_run_names(run_dir: str) -> re.Pattern | None:
+    """The folders wandb names after this run's id (run-<date>_<time>-<id>, offline-run-...)."""
+    try:
+        with open(os.path.join(run_dir, "wandb_id.txt")) as f:
+            run_id = f.read().strip()
+    except OSError:
+        return None
+    return re.compile(rf"(offline-)?run-\d{{8}}_\d{{6}}-{re.escape(run_id)}") if run_id else None
+
+
+def remove_run_files(run_dir: str) -> list[str]:
+    """Remove, by name, the files a run (and eval.py) wrote into `run_dir`; returns the removed paths.
+
+    Top level: RUN_FILES. checkpoints/: latest.pt. tensorboard/: SummaryWriter's event files. wandb/: the
+    run folders named after the id in wandb_id.txt and wandb's own links. eval/: the results eval.py wrote.
+    Stale temporary files of the run's atomic writes go too. A folder is removed only when it is left
+    empty; anything else (the user's notes, the lock file) stays where it is.
+    """
+    removed: list[str] = []
+    wandb_runs = _wandb_run_names(run_dir)
+    for name in RUN_FILES:
+        _unlink(os.path.join(run_dir, name), removed)
+    _unlink(checkpoint_path(run_dir), removed)
+    removed += remove_stale_temp_files(run_dir)
+    tensorboard = os.path.join(run_dir, "tensorboard")
+    for name in _listdir(tensorboard):
+        if TENSORBOARD_EVENTS.fullmatch(name):
+            _unlink(os.path.join(tensorboard, name), removed)
+    wandb = os.path.join(run_dir, "wandb")
+    for name in _listdir(wandb):
+        path = os.path.join(wandb, name)
+        if name in WANDB_LINKS and os.path.islink(path):
+            _unlink(path, removed)
+        elif wandb_runs and wandb_runs.fullmatch(name) and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+            removed.append(path)
+    evals = os.path.join(run_dir, "eval")
+    for name in _listdir(evals):
+        if name.endswith(".json") and _is_eval_result(os.path.join(evals, name)):
+            _unlink(os.path.join(evals, name), removed)
+    for name in RUN_DIRS:
+        path = os.path.join(run_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
+            os.rmdir(path)
+    return removed
+
+
+def _listdir(folder: str) -> list[str]:
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) and not os.path.islink(folder) else []
+
+
+def _temp_pattern(name: str) -> re.Pattern:
+    """The names atomic_io gives the temporary file of a write to `name`: `.<name>.<random>.tmp`."""
+    return re.compile(rf"\.{re.escape(name)}\.[A-Za-z0-9_]+\.tmp")
+
+
+STALE_TEMPS = {  # folder (relative to the run folder) -> names the run writes there atomically
+    "": RUN_FILES,
+    "checkpoints": (CHECKPOINT_NAME,),
+}
+
+
+def remove_stale_temp_files(run_dir: str) -> list[str]:
+    """Remove temporary files that an interrupted atomic write of this run left behind (a SIGKILL mid-write).
+
+    Only names of the form atomic_io gives a write to one of the run's own files are touched; the lock held
+    on the folder means no other process of this run is writing them now.
+    """
+    removed: list[str] = []
+    for sub, names in STALE_TEMPS.items():
+        folder = os.path.join(run_dir, sub) if sub else run_dir
+        patterns = [_temp_pattern(name) for name in names]
+        for entry in _listdir(folder):
+            path = os.path.join(folder, entry)
+            if any(p.fullmatch(entry) for p in patterns) and os.path.isfile(path) and not os.path.islink(path):
+                _unlink(path, removed)
+    return removed
 
 
 def check_resume_config(run_dir: str, cfg):
@@ -100,13 +206,48 @@ def check_resume_config(run_dir: str, cfg):
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
         return
-    with open(path) as f:
-        saved = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is unreadable ({type(e).__name__}); restore it or start the run again with --overwrite") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"{path} does not hold a config (a JSON object); restore it or use --overwrite")
     current = config_to_dict(cfg)
     changed = [k for k in current if k in saved and saved[k] != current[k] and k not in RESUMABLE_CHANGES]
     if changed:
         diffs = ", ".join(f"--{k} {saved[k]} (now {current[k]})" for k in changed)
         raise UserError(f"{run_dir} was trained with {diffs}; resume it with the same settings")
+
+
+# ---- corpus identity -------------------------------------------------------------------------------------
+
+IDENTITY_KEYS = ("tokenizer_sha256", "file_lists_sha256")
+
+
+def read_corpus(run_dir: str) -> dict | None:
+    """The corpus identity recorded in `run_dir/corpus.json`, or None (a run from before it was recorded)."""
+    path = os.path.join(run_dir, CORPUS_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        raise UserError(f"{path} is unreadable; restore it (it records which corpus the run trained on)") from None
+    if not isinstance(data, dict) or not all(k in data for k in IDENTITY_KEYS):
+        raise UserError(f"{path} does not hold a corpus identity ({', '.join(IDENTITY_KEYS)})")
+    return data
+
+
+def write_corpus(run_dir: str, dataset: str, identity: dict):
+    atomic_write_json(os.path.join(run_dir, CORPUS_FILE), {"dataset": dataset, **identity})
+
+
+def corpus_differences(recorded: dict, identity: dict) -> list[str]:
+    """What differs between two corpus identities, in words (empty when they are the same corpus)."""
+    words = {"tokenizer_sha256": "tokenizer", "file_lists_sha256": "file lists (books, order or counts)"}
+    return [words[k] for k in IDENTITY_KEYS if recorded.get(k) != identity.get(k)]
 
 
 def git_revision() -> str:

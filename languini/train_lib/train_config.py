@@ -68,6 +68,9 @@ class TrainConfig:
     log_metrics_every: int = cfg_field(100, "write train metrics every N steps")
     log_grads_every: int = cfg_field(1000, "write gradient / update norms every N steps (0 = never)")
     log_ckpt_every: int = cfg_field(5000, "checkpoint every N steps (and always at the end)")
+    ckpt_every_minutes: float = cfg_field(
+        30.0, "also checkpoint when this many minutes passed since the last checkpoint (0 = off)"
+    )
     logger_type: str = cfg_field("tb", "extra metric sinks", choices=["none", "tb", "wandb", "all"])
     wandb_project_name: str = cfg_field("languini", "wandb project")
     progress_bar: bool = cfg_field(True, "show a tqdm progress bar with ETA")
@@ -94,6 +97,9 @@ def check_config(cfg):
     require(cfg.max_lr > 0 and cfg.adam_eps > 0, "--max_lr and --adam_eps must be > 0")
     for name in ("beta1", "beta2"):
         require(0 <= getattr(cfg, name) < 1, f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
+    require(cfg.min_lr <= cfg.max_lr, f"--min_lr {cfg.min_lr} is above --max_lr {cfg.max_lr}; the decay ends at min_lr")
+    minutes = cfg.ckpt_every_minutes
+    require(math.isfinite(minutes) and minutes >= 0, f"--ckpt_every_minutes must be a finite number >= 0 (0 = off), got {minutes}")
     for name in ("eval_every", "log_terminal_every", "log_metrics_every", "log_grads_every", "log_ckpt_every"):
         require(getattr(cfg, name) >= 0, f"--{name} must be >= 0 (0 = never), got {getattr(cfg, name)}")
     shared = {f.name for f in dataclasses.fields(TrainConfig)}

@@ -8,12 +8,21 @@ keep one state per micro-batch, carried from step to step and detached every ste
 The hot path never waits for the device: losses are summed on the device and read only when a report
 (metrics line, terminal line, checkpoint) is due; batches are copied from pinned memory without blocking,
 so the host prepares the next batch while the device still works on the previous step.
+
+SIGINT / SIGTERM ask the run to stop: it finishes the step under way, writes a checkpoint and returns the
+signal (train_command exits 128 + signal). Checkpoints are also written every `ckpt_every_minutes` of wall
+time. Under torchrun the ranks agree on both at every step boundary with one small all-reduce on the host
+(a gloo group), so the device is never waited for.
 """
 
 import contextlib
+import os
+import signal
+import threading
 import time
 
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -23,11 +32,16 @@ from languini.common_lib.errors import UserError
 from languini.dataset_lib.languini_books import LanguiniDatasetIterator, stream_indices
 from languini.train_lib import checkpoint as ckpt
 from languini.train_lib.compile import compile_loss, compile_model
-from languini.train_lib.distributed import all_gather_objects, all_reduce_mean, all_reduce_sum, barrier
+from languini.train_lib.distributed import (
+    all_gather_objects,
+    all_reduce_mean,
+    all_reduce_sum,
+    broadcast_object,
+)
 from languini.train_lib.eval_metrics import evaluate_on_loader
 from languini.train_lib.optim import build_optimizer, build_scheduler
 from languini.train_lib.run_folder import checkpoint_path
-from languini.train_lib.state import detach_state, state_to
+from languini.train_lib.state import detach_state, map_state, state_to
 from languini.train_lib.token_lengths import load_token_lengths
 
 
@@ -101,6 +115,13 @@ class Trainer:
         self.states = [model.get_init_state(local_rows, device) for _ in range(self.micro_batches)]
         self.step = 0  # completed optimiser steps
         self.elapsed_before = 0.0  # training seconds of earlier sessions of this run (resume)
+        self.corpus = None  # the corpus identity recorded in checkpoints (set by train_command)
+        self.restored_corpus = None  # the corpus identity of the checkpoint restored, if it records one
+        self.window = Window(self.step, device, world)  # losses since the last report (checkpointed)
+        # the stop / wall-clock votes run on the host: a gloo group beside nccl (the default group on CPU)
+        self.vote_group = None
+        if world.is_distributed and dist.get_backend() != "gloo":
+            self.vote_group = dist.new_group(backend="gloo")
 
     # ---- checkpoints -------------------------------------------------------------------------------------
 
@@ -122,48 +143,82 @@ class Trainer:
                 "loader": self.loader.state_dict(),
                 "states": state_to(self.states, "cpu"),
                 "rng": ckpt.rng_state(),
+                "window": self.window.state_dict(),
             },
             self.world,
         )
+        failure = None
         if self.world.is_main:
-            ckpt.save_checkpoint(
-                path,
-                {
-                    "model": self.raw_model.state_dict(),
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "scaler": self.scaler.state_dict() if self.scaler else None,
-                    "step": self.step,
-                    "elapsed": self.elapsed(),
-                    "config": config_to_dict(self.cfg),
-                    "world_size": self.world.size,
-                    "loader": [r["loader"] for r in per_rank],
-                    "states": [r["states"] for r in per_rank],
-                    "rng": [r["rng"] for r in per_rank],
-                },
-            )
-        barrier(self.world)
+            try:
+                ckpt.save_checkpoint(
+                    path,
+                    {
+                        "model": self.raw_model.state_dict(),
+                        "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(),
+                        "scaler": self.scaler.state_dict() if self.scaler else None,
+                        "step": self.step,
+                        "elapsed": self.elapsed(),
+                        "config": config_to_dict(self.cfg),
+                        "world_size": self.world.size,
+                        "corpus": self.corpus,
+                        "loader": [r["loader"] for r in per_rank],
+                        "states": [r["states"] for r in per_rank],
+                        "rng": [r["rng"] for r in per_rank],
+                        "window": [r["window"] for r in per_rank],
+                    },
+                )
+            except OSError as e:  # full disk, read-only folder: the atomic write left the old checkpoint
+                failure = (
+                    f"cannot write the checkpoint {path}: {e.strerror or e}; the previous checkpoint is intact "
+                    "(free space or fix the folder's permissions, then continue with --resume auto)"
+                )
+        failure = broadcast_object(failure, self.world)  # every rank stops together, or none does
+        if failure:
+            raise UserError(failure)
+        self.last_save = time.monotonic()
 
     def restore(self, path: str):
+        """Continue from a checkpoint (read safely); a file that does not fit this run is one UserError line."""
         checkpoint = ckpt.load_checkpoint(path)
+        ckpt.check_training_checkpoint(checkpoint, path)
         saved_world = checkpoint["world_size"]
         if saved_world != self.world.size:
             raise UserError(f"{path} was written by {saved_world} processes; resume it with the same number")
-        if len(checkpoint["states"][0]) != self.micro_batches:
+        if not isinstance(checkpoint["states"][0], list) or len(checkpoint["states"][0]) != self.micro_batches:
             raise UserError(
                 f"{path} was written with a different --gradient_accumulation_steps; keep it the same"
             )
-        self.raw_model.load_state_dict(ckpt.clean_state_dict(checkpoint["model"]))
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
-        if self.scaler is not None and checkpoint["scaler"] is not None:
-            self.scaler.load_state_dict(checkpoint["scaler"])
-        self.step = checkpoint["step"]
-        self.elapsed_before = checkpoint["elapsed"]
+        ckpt.load_model_state(self.raw_model, checkpoint["model"], path)
         rank = self.world.rank
-        self.loader.load_state_dict(checkpoint["loader"][rank])
-        self.states = state_to(checkpoint["states"][rank], self.device)
-        ckpt.set_rng_state(checkpoint["rng"][rank])
+        part = "optimizer"
+        try:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            part = "scheduler"
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+            part = "scaler"
+            if self.scaler is not None and checkpoint.get("scaler") is not None:
+                self.scaler.load_state_dict(checkpoint["scaler"])
+            part = "loader"
+            self.loader.load_state_dict(checkpoint["loader"][rank])
+            part = "recurrent state"
+            if _shapes(checkpoint["states"][rank]) != _shapes(self.states):
+                raise ValueError("its shapes differ from this model's")
+            self.states = state_to(checkpoint["states"][rank], self.device)
+            part = "random generator"
+            ckpt.set_rng_state(checkpoint["rng"][rank])
+            part = "loss window"
+            windows = checkpoint.get("window")  # absent in checkpoints of older versions
+            if windows is not None:
+                self.window.load_state_dict(windows[rank])
+        except UserError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"{path} does not fit this run: its {part} state cannot be restored ({reason})") from None
+        self.step = checkpoint["step"]
+        self.elapsed_before = float(checkpoint["elapsed"])
+        self.restored_corpus = checkpoint.get("corpus")
 
     # ---- one step ----------------------------------------------------------------------------------------
 
@@ -237,10 +292,29 @@ class Trainer:
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.session_start
 
-    def run(self, logger):
-        """Train from `self.step` to max_train_steps; `logger` (a MetricsLogger) receives the records."""
+    def vote(self, interruption: "Interruption") -> tuple[int, bool]:
+        """(the signal to stop on, 0 for none; whether the wall-clock checkpoint is due), the same on every
+        rank: any rank's signal stops all of them, and rank 0's clock decides the checkpoint."""
+        minutes = self.cfg.ckpt_every_minutes
+        clock_due = minutes > 0 and time.monotonic() - self.last_save >= 60 * minutes
+        if not self.world.is_distributed:
+            return interruption.signum, clock_due
+        votes = torch.tensor([interruption.signum, int(clock_due and self.world.is_main)], dtype=torch.int64)
+        dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=self.vote_group)  # host tensors, host group
+        return int(votes[0]), bool(votes[1])
+
+    def run(self, logger) -> int:
+        """Train from `self.step` to max_train_steps; `logger` (a MetricsLogger) receives the records.
+
+        Returns 0, or the signal (SIGINT, SIGTERM) that stopped the run after a step and a checkpoint.
+        """
+        with Interruption(announce=self.world.is_main) as interruption:
+            return self._run(logger, interruption)
+
+    def _run(self, logger, interruption: "Interruption") -> int:
         cfg, world = self.cfg, self.world
         self.session_start = time.perf_counter()
+        self.last_save = time.monotonic()
         bar = tqdm(
             total=cfg.max_train_steps,
             initial=self.step,
@@ -248,7 +322,8 @@ class Trainer:
             dynamic_ncols=True,
             disable=not (world.is_main and cfg.progress_bar),
         )
-        window = Window(self.step, self.device, world)
+        window = self.window
+        window.restart(self.step)
         say = bar.write if not bar.disable else print
         try:
             while self.step < cfg.max_train_steps:
@@ -258,6 +333,8 @@ class Trainer:
                 window.add(loss)
                 bar.update(1)
                 done = self.step == cfg.max_train_steps
+                stop, clock_due = self.vote(interruption)
+                stop = 0 if done else stop  # a signal at the last step: the run is complete anyway
                 record = {}
                 if done or _due(self.step, cfg.log_metrics_every) or _due(self.step, cfg.log_terminal_every):
                     record = self.report(window, lr)
@@ -266,10 +343,10 @@ class Trainer:
                         bar.set_postfix(loss=f"{record['train/loss']:.4f}", refresh=False)
                 record.update({k: v.item() for k, v in norms.items()})
                 pause_start = time.perf_counter()  # checkpoint and eval time stay out of tokens/s
-                if done or _due(self.step, cfg.log_ckpt_every):
+                if done or stop or clock_due or _due(self.step, cfg.log_ckpt_every):
                     window.check_finite(self.step)  # never checkpoint a diverged model
                     self.save(checkpoint_path(self.run_dir))
-                if cfg.eval_every > 0 and (done or _due(self.step, cfg.eval_every)):
+                if cfg.eval_every > 0 and not stop and (done or _due(self.step, cfg.eval_every)):
                     window.check_finite(self.step)
                     eval_metrics = self.validate()
                     record.update(eval_metrics)
@@ -280,8 +357,11 @@ class Trainer:
                 window.exclude(time.perf_counter() - pause_start)
                 if record:
                     logger.log(self.step, self.elapsed(), record)
+                if stop:
+                    return stop
         finally:
             bar.close()
+        return 0
 
     def report(self, window: "Window", lr: float) -> dict:
         """Mean train loss over the window (all ranks) and throughput; raises TrainingDiverged on NaN/inf."""
@@ -300,7 +380,11 @@ class Trainer:
 
 
 class Window:
-    """Losses summed on the device since the last report, and the wall time they took."""
+    """Losses summed on the device since the last report, and the wall time they took.
+
+    It is part of the checkpoint, so a run resumed between two reports logs the same mean loss as a run
+    that was never stopped.
+    """
 
     def __init__(self, step: int, device, world):
         self.device, self.world = device, world
@@ -311,8 +395,27 @@ class Window:
         self.steps = 0
         self.loss_sum = torch.zeros((), device=self.device)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.restart(step)
+        self.seconds_before = 0.0
+
+    def restart(self, step: int):
+        """Start the clock of a session (the losses of a restored window are kept)."""
+        if self.steps == 0:
+            self.first_step = step + 1
         self.start = time.perf_counter()
         self.excluded = 0.0
+
+    def state_dict(self) -> dict:
+        return {
+            "first_step": self.first_step, "steps": self.steps, "loss_sum": self.loss_sum.detach().cpu(),
+            "nonfinite": self.nonfinite.cpu(), "seconds": self.seconds(),
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict):
+        self.first_step, self.steps = int(state["first_step"]), int(state["steps"])
+        self.loss_sum = state["loss_sum"].to(self.device, torch.float32).reshape(())
+        self.nonfinite = state["nonfinite"].to(self.device, torch.bool).reshape(())
+        self.seconds_before = float(state["seconds"])
 
     def exclude(self, seconds: float):
         """Leave `seconds` (checkpointing, validation) out of the window's training time."""
@@ -324,7 +427,7 @@ class Window:
         self.nonfinite |= ~torch.isfinite(loss)
 
     def seconds(self) -> float:
-        return time.perf_counter() - self.start - self.excluded
+        return self.seconds_before + time.perf_counter() - self.start - self.excluded
 
     def check_finite(self, step: int):
         """Raise TrainingDiverged on every rank if any rank saw a NaN/inf loss since the last report."""
@@ -338,6 +441,54 @@ class Window:
                 f"the training loss became NaN or infinite {where}; stopping without saving this state. "
                 "Lower --max_lr, set --grad_clip_norm, or use --precision fp32/bf16"
             )
+
+
+class Interruption:
+    """SIGINT / SIGTERM handlers for the training loop: the first signal asks the loop to stop after the
+    step under way (it checkpoints and returns the signal); a second one, a second or more later, ends the
+    process at once with the signal's default action (exit status 128 + signal). A second signal within a
+    second is the same interruption: torchrun forwards a Ctrl-C that its workers already received.
+    The previous handlers are restored on exit; outside the main thread nothing is installed."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    REPEAT_AFTER_SECONDS = 1.0
+
+    def __init__(self, announce: bool = True):
+        self.announce = announce
+        self.signum = 0
+        self.first_at = 0.0
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        now = time.monotonic()
+        if not self.signum:
+            self.signum, self.first_at = signum, now
+            if self.announce:  # os.write: print() is not safe inside a signal handler
+                os.write(2, (
+                    f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint "
+                    "(send it again to quit at once)\n"
+                ).encode())  # fmt: skip
+        elif now - self.first_at >= self.REPEAT_AFTER_SECONDS:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+
+def _shapes(state) -> list:
+    """The shapes of a nested state's tensors, in order (its structure, for comparing two states)."""
+    shapes = []
+    map_state(state, lambda t: shapes.append(tuple(t.shape)))
+    return shapes
 
 
 def _due(step: int, every: int) -> bool:
