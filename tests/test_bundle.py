@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import exit_code, make_synthetic_corpus, tiny_run_args
 
+from languini.common_lib.errors import UserError
 from languini.projects import load_project
 from languini.tools import export
 from languini.train_lib.bundle import MANIFEST, WEIGHTS
@@ -163,3 +164,38 @@ def test_sample_from_a_bundle_equals_sampling_the_run(tmp_path, capsys):
     from_run = capsys.readouterr().out
     assert sample.main(["--bundle", str(out), *flags]) == 0
     assert capsys.readouterr().out == from_run and from_run.startswith("line 3")
+
+
+def test_eval_from_the_bundle_reproduces_the_runs_results(trained_run, tmp_path, capsys):
+    project, run_dir = trained_run
+    out = tmp_path / "bundle"
+    export.export_run(run_dir, str(out))
+    capsys.readouterr()
+    assert run_eval(load_project(project), ["--bundle", str(out), "--last_n", "8"]) == 0
+    assert "test: reproduces the bundle's result exactly" in capsys.readouterr().out
+    ours = json.loads((tmp_path / "bundle.eval" / "eval" / "test.json").read_text())
+    theirs = json.loads((out / "eval" / "test.json").read_text())
+    for key in ("n_tokens", "loss", "normalised_ppl", "bits_per_byte", "top1", "top10", "protocol"):
+        assert ours[key] == theirs[key], key
+    assert export.verify_main([str(out)]) == 0  # evaluating wrote nothing into the bundle
+
+
+def test_eval_refuses_a_tampered_bundle(trained_run, tmp_path, capsys):
+    project, run_dir = trained_run
+    out = tmp_path / "bundle"
+    export.export_run(run_dir, str(out))
+    (out / "extra.txt").write_text("x")
+    with pytest.raises(UserError, match="extra.txt is not in"):
+        run_eval(load_project(project), ["--bundle", str(out)])
+
+
+def test_report_reads_a_bundle_beside_a_run(trained_run, tmp_path):
+    from languini.report_lib import report
+
+    project, run_dir = trained_run
+    out = tmp_path / "bundle"
+    export.export_run(run_dir, str(out))
+    assert report.main([run_dir, str(out), "--out", str(tmp_path / "report")]) == 0
+    rows = [line for line in (tmp_path / "report" / "report.md").read_text().splitlines() if line.startswith("| ")]
+    assert any(line.startswith(f"| run | {project} |") for line in rows)
+    assert any(line.startswith(f"| bundle | {project} |") for line in rows)

@@ -37,23 +37,6 @@ def meta_model(config: dict) -> torch.nn.Module:
         return spec.Model(spec.config_from_dict(config))
 
 
-def _eval_results(run_dir: str) -> dict[str, dict]:
-    """The run's eval/<split>.json files that eval.py wrote, by file name."""
-    folder = os.path.join(run_dir, "eval")
-    results = {}
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        path = os.path.join(folder, name)
-        if name.endswith(".json") and os.path.isfile(path) and not os.path.islink(path):
-            try:
-                with open(path) as f:
-                    data = json.load(f)
-            except (OSError, ValueError):
-                continue
-            if isinstance(data, dict) and "split" in data:
-                results[name] = data
-    return results
-
-
 def _corpus(run_dir: str, cfg) -> dict | None:
     path = os.path.join(run_dir, bundle.CORPUS)
     if os.path.isfile(path):
@@ -145,10 +128,10 @@ def export_run(run_dir: str, out: str, archive: bool = False) -> str:
             src = os.path.join(run_dir, name)
             if os.path.isfile(src) and not os.path.islink(src):
                 shutil.copyfile(src, os.path.join(work, name))
-        evals = _eval_results(run_dir)
-        for name in evals:
+        evals = bundle.read_eval_results(run_dir)
+        for split in evals:
             os.makedirs(os.path.join(work, "eval"), exist_ok=True)
-            shutil.copyfile(os.path.join(run_dir, "eval", name), os.path.join(work, "eval", name))
+            shutil.copyfile(os.path.join(run_dir, "eval", f"{split}.json"), os.path.join(work, "eval", f"{split}.json"))
         corpus = _corpus(run_dir, cfg)
         if corpus and not os.path.exists(os.path.join(work, bundle.CORPUS)):
             atomic_write_text(os.path.join(work, bundle.CORPUS), json.dumps(corpus, indent=2) + "\n")
@@ -222,7 +205,7 @@ def export_main(argv=None):
     parser.add_argument("--archive", action="store_true", help="also write OUT.tar.gz")
     args = parser.parse_args(argv)
     out = export_run(args.run_dir, args.out, args.archive)
-    evals = _eval_results(out)
+    evals = bundle.read_eval_results(out)
     print(f"wrote bundle {out}" + (f" and {out.rstrip('/')}.tar.gz" if args.archive else ""))
     if not evals:
         print("note: the run has no final evaluation (eval/ is empty); its README says so", file=sys.stderr)

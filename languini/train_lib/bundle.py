@@ -87,6 +87,24 @@ def _check_files(folder: str, problems: list[str]):
             problems.append(f"{rel} is missing from the bundle")
 
 
+def read_eval_results(folder: str) -> dict[str, dict]:
+    """The `eval/<split>.json` results in a run or bundle folder, by split (plain files that name a split)."""
+    results = {}
+    eval_dir = os.path.join(folder, "eval")
+    for name in sorted(os.listdir(eval_dir)) if os.path.isdir(eval_dir) else []:
+        path = os.path.join(eval_dir, name)
+        if not name.endswith(".json") or os.path.islink(path) or not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and name == f"{data.get('split')}.json":
+            results[data["split"]] = data
+    return results
+
+
 def read_config_dict(folder: str) -> dict:
     try:
         with open(os.path.join(folder, CONFIG), encoding="utf-8") as f:

@@ -2,10 +2,12 @@
 
     eval.py --run_dir DIR [--checkpoint PATH] [--eval_data_split S|all] [--last_n N] [--config_flag value ...]
     eval.py --checkpoint PATH --config PATH [...]
+    eval.py --bundle DIR [...]
 
 Loads `DIR/config.json` and `DIR/checkpoints/latest.pt`, scores each split with the project's protocol
 (`eval_protocols.PROTOCOLS`), prints a table and writes `DIR/eval/<split>.json` (with --config only: next to
-the config file). Any config flag overrides the run's config (e.g. --test_batch_size, --device,
+the config file; with --bundle: a verified bundle's config and weights, results in `DIR.eval/` beside the
+bundle, compared with the bundle's own results). Any config flag overrides the run's config (e.g. --test_batch_size, --device,
 --precision, --data_root). Under torchrun the work is split across the processes and the sums added.
 
 The checkpoint is read safely (tensors and plain data only). A run is scored only on the corpus it trained
@@ -24,8 +26,8 @@ from languini.common_lib.device import autocast_context, configure_device, resol
 from languini.common_lib.errors import UserError
 from languini.dataset_lib import layout
 from languini.dataset_lib.languini_books import read_split_tokens
-from languini.train_lib import run_folder
-from languini.train_lib.checkpoint import load_model_weights
+from languini.train_lib import bundle, run_folder
+from languini.train_lib.checkpoint import load_model_state, load_model_weights
 from languini.train_lib.distributed import init_distributed, shutdown_distributed, world_from_env
 from languini.train_lib.eval_metrics import all_reduce_sums, metrics_from_sums
 from languini.train_lib.eval_protocols import PROTOCOLS
@@ -39,13 +41,17 @@ EVAL_FLAGS = {  # eval's own flags, taken out before the config flags
     "checkpoint": (str, "", "a checkpoint file instead of the run folder's"),
     "config": (str, "", "a config.json instead of the run folder's"),
     "allow_other_corpus": (bool, False, "score the run on a corpus other than the one it trained on"),
+    "bundle": (str, "", "a bundle written by `languini export` instead of a run folder"),
 }
 USAGE = """usage: eval.py --run_dir DIR [--checkpoint PATH] [--eval_data_split S|all] [--last_n N] [--flags]
        eval.py --checkpoint PATH --config PATH [...]
+       eval.py --bundle DIR [...]
 
   --run_dir DIR          run folder: reads DIR/config.json and DIR/checkpoints/latest.pt, writes DIR/eval/
   --checkpoint PATH      checkpoint to evaluate instead of DIR/checkpoints/latest.pt
   --config PATH          config.json to use (results go to its folder's eval/ when no --run_dir)
+  --bundle DIR           a bundle from `languini export` (verified first); results go to DIR.eval/ and are
+                         compared with the bundle's own eval/ results
   --eval_data_split S    a split name, or 'all' for every test split present (default: the config's, 'test')
   --last_n N             GPT sliding window: tokens scored at the end of each window (default 128)
   --test_batch_size N    windows per forward pass
@@ -62,6 +68,13 @@ TABLE_COLUMNS = [
 def _locate(own: dict) -> tuple[str, str, str]:
     """(config path, checkpoint path, output folder) from the eval flags, with clear errors."""
     run_dir = own.get("run_dir")
+    if own.get("bundle"):
+        if run_dir or own.get("checkpoint") or own.get("config"):
+            raise UserError("--bundle holds its own config and weights: drop --run_dir, --checkpoint and --config")
+        if not os.path.isdir(own["bundle"]):
+            raise UserError(f"no bundle folder at {own['bundle']}")
+        folder = os.path.normpath(own["bundle"])
+        return os.path.join(folder, bundle.CONFIG), folder, folder + ".eval"
     if run_dir:
         if not os.path.isdir(run_dir):
             raise UserError(f"no run folder at {run_dir}")
@@ -96,6 +109,31 @@ def _splits(dataset_path: str, data_root: str, requested: str) -> list[str]:
                 f"{os.path.join(data_root, layout.split_list_name(split))} names no tokens): nothing to score"
             )
     return splits
+
+
+def _load_bundle(spec: ProjectSpec, cfg, folder: str, device) -> tuple[torch.nn.Module, int | None, dict | None]:
+    """The model with a verified bundle's weights, the step its results were measured at, its corpus."""
+
+    def meta_model(config: dict):
+        with torch.device("meta"):
+            return spec.Model(spec.config_from_dict(config))
+
+    _, weights = bundle.load_bundle(folder, meta_model)
+    model = spec.Model(cfg)
+    load_model_state(model, weights, folder)
+    steps = [r.get("checkpoint_step") for r in bundle.read_eval_results(folder).values()]
+    return model.to(device).eval(), steps[0] if steps else None, run_folder.read_corpus(folder)
+
+
+def _compare_with_bundle(result: dict, shared: dict | None) -> str:
+    """One line: does this result reproduce the bundle's own result of the split?"""
+    if shared is None:
+        return f"{result['split']}: the bundle has no result for this split"
+    keys = [k for k in ("n_tokens", "loss", "normalised_ppl", "bits_per_byte", "top1", "top10") if k in shared]
+    differ = [f"{k} {result.get(k)} vs {shared[k]}" for k in keys if result.get(k) != shared[k]]
+    if not differ:
+        return f"{result['split']}: reproduces the bundle's result exactly"
+    return f"{result['split']}: differs from the bundle's result ({'; '.join(differ)})"
 
 
 def _load_model(Model, cfg, checkpoint: str, device) -> tuple[torch.nn.Module, int | None, dict | None]:
@@ -168,7 +206,10 @@ def run_eval(spec: ProjectSpec, argv) -> int:
     configure_device(device)
     init_distributed(world, device)
     try:
-        model, step, recorded = _load_model(Model, cfg, checkpoint, device)
+        if own.get("bundle"):
+            model, step, recorded = _load_bundle(spec, cfg, checkpoint, device)
+        else:
+            model, step, recorded = _load_model(Model, cfg, checkpoint, device)
         run_dir = own.get("run_dir") or os.path.dirname(os.path.abspath(config_path))
         if recorded is None:
             recorded = run_folder.read_corpus(run_dir)
@@ -201,5 +242,9 @@ def run_eval(spec: ProjectSpec, argv) -> int:
         shutdown_distributed()
     if world.is_main:
         print(_format_table(rows))
+        if own.get("bundle"):
+            shared = bundle.read_eval_results(checkpoint)
+            for row in rows:
+                print(_compare_with_bundle(row, shared.get(row["split"])))
         print(f"results written to {os.path.join(out_dir, 'eval')}/")
     return 0
