@@ -35,6 +35,9 @@ def test_copy_is_renamed_and_importable(tmp_path, monkeypatch, source):
     for file, text in texts.items():  # nothing still points at the source project
         assert f"languini.projects.{source}" not in text and f"languini/projects/{source}/" not in text, file
     assert texts["README.md"].startswith(f"# {name}\n")
+    for section in ("## Method", "## Reproduce each compute class", "## Results", "## Download", "## Citation"):
+        assert section in texts["README.md"]
+    assert "@misc{" + name in texts["README.md"]
 
     # import the copy as languini.projects.<name> from tmp_path and check it is its own project
     monkeypatch.setattr(languini.projects, "__path__", [*languini.projects.__path__, str(tmp_path)])

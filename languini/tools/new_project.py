@@ -1,8 +1,9 @@
 """`languini new-project NAME [--from gpt]`: start new research as a renamed copy of a project folder.
 
-A project is named by its folder, so a plain copy (`cp -r`) already trains and evaluates its own model; this
-command also points the copy's docs and any absolute imports at the new name, retitles its README, and
-checks the name is a valid package name. Train it at once with
+A project is named by its folder, so a plain copy (`cp -r`) already trains and evaluates its own model;
+this command also points the copy's docs and any absolute imports at the new name, writes its README from
+a template with the sections a shared project needs (method, commands per compute class, results from
+bundles, downloads, BibTeX), and checks the name is a valid package name. Train it at once with
 `torchrun --standalone languini/projects/NAME/main.py mini`. See docs/architecture.md.
 """
 
@@ -39,10 +40,71 @@ def rename_text(text: str, old: str, new: str) -> str:
     return re.sub(rf"(?<![A-Za-z0-9_])runs/{old}/", f"runs/{new}/", text)
 
 
-def retitle_readme(text: str, old: str, new: str) -> str:
-    """Replace the README's first heading by the new name and say where the project came from."""
-    body = re.sub(r"\A\s*# [^\n]*\n?", "", text)
-    return f"# {new}\n\nStarted as a copy of the `{old}` project (`languini new-project {new} --from {old}`).\n\n{body}"
+README_TEMPLATE = """# {new}
+
+Started as a copy of the `{old}` project (`languini new-project {new} --from {old}`). Replace each
+section below; the commands assume a Languini checkout with the data prepared (docs/data.md).
+
+## Method
+
+What the model changes compared with `{old}`, and why. Cite the papers it builds on.
+
+## Presets
+
+| preset | parameters | notes |
+| --- | ---: | --- |
+| mini | | |
+
+(`python3 languini/common_lib/throughput.py {new} PRESET` prints the parameter count;
+`python3 languini/common_lib/flops_profile.py {new} PRESET --train_batch_size 1` the FLOPs.)
+
+## Reproduce each compute class
+
+Throughput on the reference GPU, then steps per class (docs/compute_classes.md):
+
+```bash
+python3 languini/common_lib/throughput.py {new} PRESET --train_batch_size B --json PRESET.json
+languini steps {new} PRESET --train_batch_size B --throughput_json PRESET.json
+```
+
+| class | command |
+| --- | --- |
+| 6 h | `torchrun --standalone languini/projects/{new}/main.py PRESET --train_batch_size B --max_train_steps S --decay_steps S` |
+
+## Results
+
+Fill this table from your bundles (`languini export --run_dir RUN --out BUNDLE`, then
+`languini report BUNDLE...` writes it to reports/report.md):
+
+| class | preset | steps | normalised ppl (test) | bundle |
+| --- | --- | ---: | ---: | --- |
+
+## Download
+
+Bundles (weights as safetensors, logs, results, manifest): links here. Check one with
+`languini verify-bundle BUNDLE` and score it with
+`python3 languini/projects/{new}/eval.py --bundle BUNDLE --eval_data_split all` (docs/sharing.md).
+
+## Citation
+
+```bibtex
+@misc{{{new},
+  title  = {{...}},
+  author = {{...}},
+  year   = {{...}},
+}}
+```
+
+Notes kept from the `{old}` project's README:
+
+{body}"""
+
+
+def readme_from_template(text: str, old: str, new: str) -> str:
+    """The new project's README: the template with the sections a shared project needs, then the source
+    README's body (its first heading dropped) as notes."""
+    body = re.sub(r"\A\s*# [^\n]*\n?", "", text).strip()
+    return README_TEMPLATE.format(new=new, old=old, body=body + "\n" if body else "")
 
 
 def create_project(name: str, source: str, dest: str = PROJECTS_DIR) -> str:
@@ -69,7 +131,7 @@ def create_project(name: str, source: str, dest: str = PROJECTS_DIR) -> str:
         readme = os.path.join(work, "README.md")
         if not os.path.exists(readme):
             with open(readme, "w") as f:
-                f.write(retitle_readme("", source, name))
+                f.write(readme_from_template("", source, name))
         final = os.path.join(dest, name)
         os.rename(work, final)
         return final
@@ -82,7 +144,7 @@ def _rewrite(path: str, rel: str, old: str, new: str):
         text = f.read()
     text = rename_text(text, old, new)
     if rel == "README.md":
-        text = retitle_readme(text, old, new)
+        text = readme_from_template(text, old, new)
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
 
