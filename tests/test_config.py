@@ -66,3 +66,15 @@ def test_cli_exit_code_and_no_traceback(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error: unknown command 'trian' (did you mean 'train'?)")
     assert "Traceback" not in r.stderr
+
+
+def test_max_train_steps_alone_sets_the_decay_too():
+    assert (parse(["nano", "--max_train_steps", "200"]).decay_steps) == 200
+    assert parse(["nano", "--max_train_steps", "200", "--decay_steps", "500"]).decay_steps == 500
+    assert parse(["nano", "--decay_steps", "300"]).max_train_steps == 1000  # only this direction
+    assert parse(["nano"]).decay_steps == 1000
+
+
+def test_a_boolean_given_a_value_says_how_switches_work():
+    with pytest.raises(UserError, match="write --progress_bar or --no-progress_bar"):
+        parse(["nano", "--progress_bar", "False"])

@@ -62,9 +62,11 @@ def test_weights_that_become_nan_are_never_checkpointed(synthetic_corpus, tmp_pa
         return out
 
     run_dir = tmp_path / "run"
-    assert run(gpt_main, data_root, run_dir, "--max_train_steps", "2", "--eval_every", "0") == 0
+    assert run(gpt_main, data_root, run_dir, "--max_train_steps", "2", "--decay_steps", "4", "--eval_every", "0") == 0
     before = os.path.getmtime(run_dir / "checkpoints" / "latest.pt")
     monkeypatch.setattr(torch.optim.Adam, "step", step_then_poison)
-    code = run(gpt_main, data_root, run_dir, "--max_train_steps", "4", "--resume", "auto", "--eval_every", "0")
+    code = run(
+        gpt_main, data_root, run_dir, "--max_train_steps", "4", "--decay_steps", "4", "--resume", "auto", "--eval_every", "0"
+    )
     assert code == 1 and "weights became NaN" in capsys.readouterr().err
     assert os.path.getmtime(run_dir / "checkpoints" / "latest.pt") == before

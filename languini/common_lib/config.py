@@ -94,6 +94,11 @@ def parse_flags(cfg_cls, argv: list[str]) -> dict:
     while i < len(argv):
         tok = argv[i]
         if not tok.startswith("--") or tok == "--":
+            previous = argv[i - 1][2:].replace("-", "_") if i > 0 else ""
+            if previous in bools and tok.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise UserError(
+                    f"booleans are switches: write --{previous} or --no-{previous} (not --{previous} {tok})"
+                )
             raise UserError(f"unexpected argument '{tok}'; flags look like --field value (see --help)")
         key, eq, inline = tok[2:].partition("=")
         key = key.replace("-", "_")
@@ -169,7 +174,11 @@ def config_help(cfg_cls, presets: dict, prog: str, default_preset: str) -> str:
 
 
 def parse_config(cfg_cls, presets: dict, argv: list[str], prog: str, default_preset: str = "mini"):
-    """Level 1 + level 2: `[PRESET] [--flags]` -> config. Prints help and exits 0 on -h/--help."""
+    """Level 1 + level 2: `[PRESET] [--flags]` -> config. Prints help and exits 0 on -h/--help.
+
+    A config class may declare `FOLLOWS = {follower: leader}`: a leader given on the command line sets its
+    follower too, unless the follower is given as well.
+    """
     argv = list(argv)
     if any(a in ("-h", "--help") for a in argv):
         print(config_help(cfg_cls, presets, prog, default_preset))
@@ -178,7 +187,11 @@ def parse_config(cfg_cls, presets: dict, argv: list[str], prog: str, default_pre
     if argv and not argv[0].startswith("-"):
         name = argv.pop(0)
     cfg = build_preset(cfg_cls, presets, name)
-    return apply_overrides(cfg, parse_flags(cfg_cls, argv))
+    flags = parse_flags(cfg_cls, argv)
+    for follower, leader in getattr(cfg_cls, "FOLLOWS", {}).items():  # e.g. decay_steps follows max_train_steps
+        if leader in flags and follower not in flags:
+            flags[follower] = flags[leader]
+    return apply_overrides(cfg, flags)
 
 
 def config_to_dict(cfg) -> dict:

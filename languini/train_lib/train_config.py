@@ -7,6 +7,7 @@ Defaults reproduce the original Languini recipe (docs/training.md).
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 from languini.common_lib.config import cfg_field
 from languini.common_lib.errors import UserError
@@ -15,6 +16,9 @@ from languini.dataset_lib.layout import END_OF_DOC
 
 @dataclass
 class TrainConfig:
+    # `--max_train_steps N` alone also sets the cosine decay to N steps (the schedule ends with the run)
+    FOLLOWS: ClassVar[dict] = {"decay_steps": "max_train_steps"}
+
     # identity
     project: str = cfg_field("", "project name (set by the project's configs.py)")
     preset: str = cfg_field("", "preset the config was built from (set by the parser)")
