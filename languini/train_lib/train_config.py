@@ -65,6 +65,10 @@ class TrainConfig:
         "auto", "auto = bf16 on capable GPUs, fp32 on CPU", choices=["auto", "fp32", "bf16", "fp16"]
     )
     compile: str = cfg_field("none", "torch.compile mode", choices=["none", "default", "max-autotune"])
+    parallel: str = cfg_field(
+        "ddp", "several processes: ddp replicates the model, fsdp shards it (FSDP2)", choices=["ddp", "fsdp"]
+    )
+    activation_checkpointing: bool = cfg_field(False, "recompute each block's activations in the backward")
 
     # logging cadence
     eval_every: int = cfg_field(1000, "validate every N steps (0 = never)")
