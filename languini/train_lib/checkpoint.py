@@ -8,6 +8,13 @@ trains on) and per process (indexed by rank): `loader`, `states` (one recurrent 
 `rng` (python, numpy, torch and CUDA generator states) and `window` (the losses summed since the last
 report).
 
+Under `--parallel fsdp` the weights and the optimiser are not in that file: its `model` and `optimizer`
+entries are empty and `sharded` names a folder beside it (`step_<N>.<id>.dcp/`) written by
+torch.distributed.checkpoint (DCP), one shard file per process plus `.metadata`. The folder is written
+first and the small file, which names it, replaces the previous one atomically afterwards; only then is
+the previous folder deleted. A crash at any point leaves a loadable pair. DCP reshards on load, so such a
+checkpoint loads on any number of processes, sharded or not (`load_sharded`).
+
 Everything in it is a tensor or plain Python data (dict, list, tuple, str, int, float, bool, None), so it
 is read with `torch.load(weights_only=True)`: a file that holds any other Python object is refused
 before anything in it runs. The RNG states of Python and NumPy are converted to tensors and ints for that.
@@ -25,7 +32,7 @@ import torch
 from languini.common_lib.atomic_io import atomic_torch_save
 from languini.common_lib.errors import UserError
 
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.")
 # The entries a checkpoint must have to be resumed, with their types.
 TRAINING_ENTRIES = {
     "model": dict, "optimizer": dict, "scheduler": dict, "step": int, "elapsed": (int, float),
@@ -34,17 +41,20 @@ TRAINING_ENTRIES = {
 
 
 def clean_state_dict(state_dict: dict) -> dict:
-    """Drop DDP / torch.compile wrapper components (`module.`, `_orig_mod.`) wherever they sit in a name.
+    """Drop DDP / torch.compile / activation-checkpoint wrapper components (`module.`, `_orig_mod.`,
+    `_checkpoint_wrapped_module.`) wherever they sit in a name.
 
-    compile(DDP(m)) nests them at the front; compiling a block (`layers.0._orig_mod.`) puts one inside.
+    compile(DDP(m)) nests them at the front; compiling or wrapping a block (`layers.0._orig_mod.`) puts one
+    inside.
     """
     wrappers = {p.rstrip(".") for p in WRAPPER_PREFIXES}
+    inner = wrappers - {"module"}  # `module` may be a real submodule's name inside a model
     out = {}
     for name, value in state_dict.items():
         parts = name.split(".")
         while parts and parts[0] in wrappers:  # leading wrappers: any of them
             parts = parts[1:]
-        out[".".join(p for p in parts if p != "_orig_mod")] = value  # inner wrappers: compile only
+        out[".".join(p for p in parts if p not in inner)] = value  # inner wrappers: compile, checkpointing
     return out
 
 
@@ -155,10 +165,101 @@ def load_model_state(model: torch.nn.Module, state_dict, path: str):
 
 
 def load_model_weights(model: torch.nn.Module, path: str) -> dict:
-    """Load the `model` entry of a checkpoint into `model` (prefixes tolerated); returns the checkpoint."""
+    """Load the `model` entry of a checkpoint into `model` (prefixes tolerated; a sharded checkpoint's
+    weights come from its DCP folder); returns the checkpoint."""
     checkpoint = load_checkpoint(path)
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         kind = "dict" if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise UserError(f"{path} is not a languini checkpoint (a {kind} without a 'model' entry)")
-    load_model_state(model, checkpoint["model"], path)
+    if checkpoint.get("sharded"):
+        load_sharded(sharded_folder(path, checkpoint), path, model)
+    else:
+        load_model_state(model, checkpoint["model"], path)
     return checkpoint
+
+
+SHARDED_NAME = re.compile(r"step_\d+\.[0-9a-f]+\.dcp")  # the DCP folders the trainer writes
+
+
+def sharded_folder(path: str, checkpoint: dict) -> str:
+    """The DCP folder a sharded checkpoint names (beside `path`); one line when it is odd or missing."""
+    name = checkpoint.get("sharded")
+    if not isinstance(name, str) or not SHARDED_NAME.fullmatch(name):
+        raise UserError(f"{path} is damaged: its 'sharded' entry {name!r} is not a checkpoint folder name")
+    folder = os.path.join(os.path.dirname(os.path.abspath(path)), name)
+    if not os.path.isfile(os.path.join(folder, ".metadata")):
+        raise UserError(f"{path} names the sharded checkpoint {folder}, which is missing or incomplete")
+    return folder
+
+
+def save_sharded(folder: str, model: torch.nn.Module, optimizer):
+    """Write the model and optimiser (sharded DTensors under FSDP, else full tensors) into `folder` (DCP);
+    every process takes part."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=folder, no_dist=not dist.is_initialized())
+
+
+def load_sharded(folder: str, path: str, model: torch.nn.Module, optimizer=None):
+    """Load a DCP checkpoint into `model` (and `optimizer`), resharded for this process's layout: sharded
+    (FSDP, any number of processes) or whole (one process, DDP, evaluation)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    no_dist = not dist.is_initialized()
+    try:
+        if no_dist:  # DCP says it loads in a single process: that is the intent here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        if optimizer is None:
+            state = {"model": clean_state_dict(model.state_dict())}
+            dcp.load(state, checkpoint_id=folder, no_dist=no_dist)
+            model.load_state_dict(state["model"])
+            return
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd}
+        dcp.load(state, checkpoint_id=folder, no_dist=no_dist)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    except UserError:
+        raise
+    except Exception as e:  # a shard that does not fit (another model), a damaged file
+        raise UserError(f"{path} does not fit this run: its sharded weights cannot be loaded ({_first_line(e)})") from None
+
+
+def load_full_into_sharded(checkpoint: dict, path: str, model: torch.nn.Module, optimizer):
+    """Load a plain (one-file) checkpoint's model and optimiser into an FSDP-sharded model and its
+    optimiser: every process reads the full tensors and keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    given = checkpoint["model"]
+    if not isinstance(given, dict):
+        raise UserError(f"{path} is damaged: its 'model' entry is not a state dict")
+    given = clean_state_dict(given)
+    expected = model.state_dict()  # DTensor shapes are the global ones
+    problems = [f"missing {k}" for k in expected if k not in given] + [f"unexpected {k}" for k in given if k not in expected]
+    problems += [f"{k} is {_shape(given[k])}, the model's {_shape(v)}" for k, v in expected.items()
+                 if k in given and (not isinstance(given[k], torch.Tensor) or given[k].shape != v.shape)]  # fmt: skip
+    if problems:
+        raise UserError(f"{path} does not fit the config (a model flag changed?): {'; '.join(problems[:3])}")
+    try:
+        optim_sd = _optimizer_state_by_name(checkpoint["optimizer"], optimizer, model)
+        set_state_dict(
+            model, optimizer, model_state_dict=given, optim_state_dict=optim_sd,
+            options=StateDictOptions(full_state_dict=True),
+        )  # fmt: skip
+    except Exception as e:
+        raise UserError(f"{path} does not fit this run: its optimizer state cannot be restored ({_first_line(e)})") from None
+
+
+def _optimizer_state_by_name(state: dict, optimizer, model: torch.nn.Module) -> dict:
+    """`optimizer.state_dict()` (parameters numbered in group order) keyed by parameter names instead, the
+    form torch.distributed.checkpoint.state_dict uses."""
+    names = {id(p): clean_name for clean_name, p in clean_state_dict(dict(model.named_parameters())).items()}
+    by_number = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    groups = []
+    for group in state["param_groups"]:
+        groups.append({**group, "params": [by_number[i] for i in group["params"]]})
+    return {"state": {by_number[i]: s for i, s in state["state"].items()}, "param_groups": groups}

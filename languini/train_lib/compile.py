@@ -8,6 +8,9 @@ place (`nn.Module.compile`), so parameter names, state dicts and checkpoints car
 `--compile max-autotune` runs Inductor's `max-autotune-no-cudagraphs` mode: plain `max-autotune` also
 captures CUDA graphs, whose outputs live in a static pool that the next replay overwrites, and the
 recurrent states that the trainer carries from one step to the next are such outputs.
+
+Under FSDP (`hooks_outside=True`) each block's `forward` method is compiled instead of the whole module
+call, so FSDP's hooks (which gather and free the shards around the block) stay outside the compiled graph.
 """
 
 from collections.abc import Callable
@@ -29,15 +32,21 @@ def _compile_kwargs(mode: str) -> dict:
     return {} if inductor_mode is None else {"mode": inductor_mode}
 
 
-def compile_model(model: nn.Module, mode: str) -> nn.Module:
-    """Compile `model` in place for `--compile mode` (per block when it has `layers`); returns it."""
+def compile_model(model: nn.Module, mode: str, hooks_outside: bool = False) -> nn.Module:
+    """Compile `model` in place for `--compile mode` (per block when it has `layers`); returns it.
+
+    `hooks_outside`: compile each block's `forward` (an instance attribute), leaving the module's hooks
+    eager (FSDP)."""
     if mode == "none":
         return model
     kwargs = _compile_kwargs(mode)
     layers = getattr(model, "layers", None)
     if isinstance(layers, nn.ModuleList) and len(layers) > 0:
         for layer in layers:
-            layer.compile(**kwargs)
+            if hooks_outside:
+                layer.forward = torch.compile(layer.forward, **kwargs)
+            else:
+                layer.compile(**kwargs)
     else:
         model.compile(**kwargs)
     return model

@@ -40,12 +40,14 @@ TENSORBOARD_EVENTS = re.compile(r"events\.out\.tfevents\.\d+\..+")  # the names 
 WANDB_LINKS = ("latest-run", "debug.log", "debug-internal.log")  # symlinks wandb keeps beside its runs
 
 
-# Fields a resumed run may change: they steer logging, evaluation and hardware, not what is trained.
+# Fields a resumed run may change: they steer logging, evaluation and hardware, not what is trained (the
+# global batch stays; how it splits over processes and micro-steps may change).
 RESUMABLE_CHANGES = {
     "resume", "overwrite", "exp_name", "run_dir", "debug", "data_root", "max_train_steps", "device",
     "precision", "compile", "eval_every", "eval_batch_size", "max_eval_steps", "test_batch_size", "last_n",
     "eval_data_split", "tokens_per_second", "log_terminal_every", "log_metrics_every", "log_grads_every",
     "log_ckpt_every", "ckpt_every_minutes", "logger_type", "wandb_project_name", "progress_bar",
+    "gradient_accumulation_steps", "parallel", "activation_checkpointing",
 }  # fmt: skip
 
 

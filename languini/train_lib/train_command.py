@@ -27,6 +27,7 @@ from languini.train_lib.distributed import (
     world_from_env,
 )
 from languini.train_lib.loggers import MetricsLogger, check_sinks, truncate_metrics
+from languini.train_lib.parallel import check_parallel_config
 from languini.train_lib.project_spec import ProjectSpec
 from languini.train_lib.train_config import check_config
 from languini.train_lib.trainer import Trainer, TrainingDiverged, check_batch_layout
@@ -64,6 +65,7 @@ def _train(cfg, Model, world, argv: list[str]) -> int:
     if cfg.eval_every > 0:
         read_books(dataset_path, "test")  # validation needs the iid test split: fail now, not at its first use
     check_batch_layout(cfg, world.size)
+    check_parallel_config(cfg, world.size)
     check_sinks(cfg.logger_type)
     device = resolve_device(cfg.device, world.local_rank)
     precision = resolve_precision(cfg.precision, device)
@@ -101,6 +103,14 @@ def _train_in_folder(cfg, Model, world, argv, run_dir, dataset_path, device, pre
         if world.is_main:
             truncate_metrics(run_dir, trainer.step)
             print(f"resumed at step {trainer.step}")
+            saved_world, saved_m, saved_parallel = trainer.restored_layout
+            if (saved_world, saved_m) != (world.size, cfg.gradient_accumulation_steps):
+                print(
+                    f"note: the checkpoint was written by {saved_world} process(es) x {saved_m} micro-step(s) "
+                    f"({saved_parallel}); every stream continues where it stopped on {world.size} x "
+                    f"{cfg.gradient_accumulation_steps}"
+                    + ("" if saved_world == world.size else "; random generators are seeded from --seed and the rank")
+                )
     else:
         torch.manual_seed(cfg.seed + 1 + world.rank)  # per-rank randomness during training, if any
     logger = MetricsLogger(run_dir, cfg, config_to_dict(cfg), world.is_main, trainer.step)
@@ -174,13 +184,14 @@ def check_memory(Model, cfg, world, device):
     """Refuse a config whose training step cannot fit in memory, before anything is allocated.
 
     A lower bound, so it never refuses a step that would fit: 16 bytes per parameter (fp32 weights,
-    gradients and Adam's two moments) plus the fp32 logits of one micro-batch and their gradient (rows x
+    gradients and Adam's two moments; divided by the processes under --parallel fsdp) plus the fp32 logits of one micro-batch and their gradient (rows x
     seq_len x vocab_size x 8 bytes); compared with the device's memory (CPU: the machine's RAM).
     """
     with torch.device("meta"):
         n_params = sum(p.numel() for p in Model(cfg).parameters())
     rows = max(1, cfg.train_batch_size // (world.size * cfg.gradient_accumulation_steps))
-    needed = 16 * n_params + 8 * rows * cfg.seq_len * cfg.vocab_size
+    shards = world.size if getattr(cfg, "parallel", "ddp") == "fsdp" else 1  # FSDP: each process holds 1/W
+    needed = 16 * n_params // shards + 8 * rows * cfg.seq_len * cfg.vocab_size
     available = device_memory(device)
     if available and needed > available:
         raise UserError(

@@ -13,14 +13,24 @@ SIGINT / SIGTERM ask the run to stop: it finishes the step under way, writes a c
 signal (train_command exits 128 + signal). Checkpoints are also written every `ckpt_every_minutes` of wall
 time. Under torchrun the ranks agree on both at every step boundary with one small all-reduce on the host
 (a gloo group), so the device is never waited for.
+
+`--parallel fsdp` shards the model with torch's FSDP2 instead of replicating it with DDP, and
+`--activation_checkpointing` recomputes each block's activations in the backward (languini/train_lib/
+parallel.py). Checkpoints store what belongs to a stream by its global stream index, so a run resumes on
+any number of processes and accumulation steps with the same global batch (`restore`).
 """
 
 import contextlib
 import os
+import random
+import re
+import shutil
 import signal
 import threading
 import time
+import uuid
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -40,9 +50,20 @@ from languini.train_lib.distributed import (
 )
 from languini.train_lib.eval_metrics import evaluate_on_loader
 from languini.train_lib.optim import build_optimizer, build_scheduler
+from languini.train_lib.parallel import (
+    apply_activation_checkpointing,
+    apply_fsdp,
+    full_value,
+    local_tensor,
+    uses_fsdp,
+)
 from languini.train_lib.run_folder import checkpoint_path
-from languini.train_lib.state import detach_state, map_state, state_to
+from languini.train_lib.state import detach_state, map_state, relayout_states, state_to
 from languini.train_lib.token_lengths import load_token_lengths
+
+# Test hook (tests/test_parallel.py): SIGKILL this process after the sharded checkpoint of this step is
+# written but before latest.pt names it, to show that the previous checkpoint stays loadable.
+KILL_BEFORE_POINTER_ENV = "LANGUINI_TEST_KILL_BEFORE_POINTER_AT_STEP"
 
 
 class TrainingDiverged(Exception):
@@ -91,16 +112,22 @@ class Trainer:
         self.cfg, self.world, self.device, self.precision = cfg, world, device, precision
         self.dataset_path, self.run_dir = dataset_path, run_dir
         self.raw_model = model  # checkpoints come from here: no DDP / compile prefixes
-        self.optimizer = build_optimizer(model, cfg)
-        self.scheduler = build_scheduler(self.optimizer, cfg)
-        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.fsdp = uses_fsdp(cfg, world)  # sharded (FSDP2); else replicated (DDP) or a single process
         self.autocast = lambda: autocast_context(precision, device)
         configure_device(device)
 
-        self.eval_model = compile_model(model, cfg.compile)  # in place: names stay clean
+        if getattr(cfg, "activation_checkpointing", False):
+            apply_activation_checkpointing(model)  # in place: names stay clean
+        # in place: names stay clean; under FSDP the blocks' forward methods, so its hooks stay eager
+        self.eval_model = compile_model(model, cfg.compile, hooks_outside=self.fsdp)
         self.loss_fn = compile_loss(cfg.compile)
         self.train_model = self.eval_model
-        if world.is_distributed:
+        if self.fsdp:
+            apply_fsdp(model, precision)  # parameters become DTensor shards: the optimiser comes after
+        self.optimizer = build_optimizer(model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        if world.is_distributed and not self.fsdp:
             device_ids = [device.index] if device.type == "cuda" else None
             self.train_model = DistributedDataParallel(
                 self.eval_model, device_ids=device_ids, gradient_as_bucket_view=True
@@ -132,8 +159,9 @@ class Trainer:
         NaN/inf (e.g. overflowing gradients) must not replace the last good checkpoint. DDP keeps the weights
         identical on every rank, so every rank reaches the same verdict.
         """
-        weights_ok = torch.stack([p.detach().isfinite().all() for p in self.raw_model.parameters()]).all()
-        if not weights_ok.item():
+        weights_ok = torch.stack([local_tensor(p.detach()).isfinite().all() for p in self.raw_model.parameters()])
+        bad = (~weights_ok.all()).float()
+        if (all_reduce_sum(bad, self.world) if self.fsdp else bad).item() > 0:
             raise TrainingDiverged(
                 f"the weights became NaN or infinite by step {self.step}; stopping without saving this state "
                 "(the last good checkpoint is kept). Lower --max_lr or set --grad_clip_norm"
@@ -147,14 +175,28 @@ class Trainer:
             },
             self.world,
         )
-        failure = None
-        if self.world.is_main:
+        failure, sharded = None, None
+        if self.fsdp:  # every process writes its shards into a fresh folder; latest.pt names it afterwards
+            sharded = broadcast_object(f"step_{self.step:08d}.{uuid.uuid4().hex[:12]}.dcp", self.world)
+            try:
+                ckpt.save_sharded(os.path.join(os.path.dirname(path), sharded), self.raw_model, self.optimizer)
+            except Exception as e:  # DCP reports a failure of any process on every process
+                failure = (
+                    f"cannot write the sharded checkpoint {sharded} beside {path}: {_first_line(e)}; the previous "
+                    "checkpoint is intact (free space or fix the folder's permissions, then continue with "
+                    "--resume auto)"
+                )
+            if os.environ.get(KILL_BEFORE_POINTER_ENV) == str(self.step) and self.world.is_main:
+                os.kill(os.getpid(), signal.SIGKILL)
+        if self.world.is_main and failure is None:
             try:
                 ckpt.save_checkpoint(
                     path,
                     {
-                        "model": self.raw_model.state_dict(),
-                        "optimizer": self.optimizer.state_dict(),
+                        "model": {} if sharded else self.raw_model.state_dict(),
+                        "optimizer": {} if sharded else self.optimizer.state_dict(),
+                        "sharded": sharded,
+                        "parallel": "fsdp" if self.fsdp else "ddp",
                         "scheduler": self.scheduler.state_dict(),
                         "scaler": self.scaler.state_dict() if self.scaler else None,
                         "step": self.step,
@@ -173,52 +215,77 @@ class Trainer:
                     f"cannot write the checkpoint {path}: {e.strerror or e}; the previous checkpoint is intact "
                     "(free space or fix the folder's permissions, then continue with --resume auto)"
                 )
+            else:  # latest.pt names the new folder (or none): the older sharded folders can go
+                _remove_sharded_except(os.path.dirname(path), sharded)
         failure = broadcast_object(failure, self.world)  # every rank stops together, or none does
         if failure:
             raise UserError(failure)
         self.last_save = time.monotonic()
 
     def restore(self, path: str):
-        """Continue from a checkpoint (read safely); a file that does not fit this run is one UserError line."""
+        """Continue from a checkpoint (read safely); a file that does not fit this run is one UserError line.
+
+        The global batch must be the one the checkpoint trained with; the number of processes, the
+        accumulation steps and `--parallel` may differ: every global stream gets back its loader position
+        and recurrent state, and weights and optimiser are resharded (a sharded checkpoint through DCP). The
+        random generators of each process come back when the number of processes is unchanged; otherwise
+        they are seeded from --seed and the rank (training draws no random numbers today).
+        """
         checkpoint = ckpt.load_checkpoint(path)
         ckpt.check_training_checkpoint(checkpoint, path)
-        saved_world = checkpoint["world_size"]
-        if saved_world != self.world.size:
-            raise UserError(f"{path} was written by {saved_world} processes; resume it with the same number")
-        if not isinstance(checkpoint["states"][0], list) or len(checkpoint["states"][0]) != self.micro_batches:
+        saved_world, world = checkpoint["world_size"], self.world
+        saved_batch = (checkpoint.get("config") or {}).get("train_batch_size", self.cfg.train_batch_size)
+        if saved_batch != self.cfg.train_batch_size:
             raise UserError(
-                f"{path} was written with a different --gradient_accumulation_steps; keep it the same"
+                f"{path} was trained with --train_batch_size {saved_batch}; resume it with the same global batch "
+                "(processes and --gradient_accumulation_steps may change)"
             )
-        ckpt.load_model_state(self.raw_model, checkpoint["model"], path)
-        rank = self.world.rank
-        part = "optimizer"
+        same_layout = saved_world == world.size
+        rank = world.rank
+        part = "model"
         try:
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            if checkpoint.get("sharded"):
+                folder = ckpt.sharded_folder(path, checkpoint)
+                ckpt.load_sharded(folder, path, self.raw_model, self.optimizer)
+            elif self.fsdp:
+                ckpt.load_full_into_sharded(checkpoint, path, self.raw_model, self.optimizer)
+            else:
+                ckpt.load_model_state(self.raw_model, checkpoint["model"], path)
+                part = "optimizer"
+                self.optimizer.load_state_dict(checkpoint["optimizer"])
             part = "scheduler"
             self.scheduler.load_state_dict(checkpoint["scheduler"])
             part = "scaler"
             if self.scaler is not None and checkpoint.get("scaler") is not None:
                 self.scaler.load_state_dict(checkpoint["scaler"])
             part = "loader"
-            self.loader.load_state_dict(checkpoint["loader"][rank])
+            self.loader.load_state_dict(_merge_loader_states(checkpoint["loader"]))
             part = "recurrent state"
-            if _shapes(checkpoint["states"][rank]) != _shapes(self.states):
+            states = relayout_states(
+                checkpoint["states"], self.cfg.train_batch_size, rank, world.size, self.micro_batches
+            )
+            if _shapes(states) != _shapes(self.states):
                 raise ValueError("its shapes differ from this model's")
-            self.states = state_to(checkpoint["states"][rank], self.device)
+            self.states = state_to(states, self.device)
             part = "random generator"
-            ckpt.set_rng_state(checkpoint["rng"][rank])
+            if same_layout:
+                ckpt.set_rng_state(checkpoint["rng"][rank])
+            else:
+                _seed_everything(self.cfg.seed + 1 + rank)
             part = "loss window"
             windows = checkpoint.get("window")  # absent in checkpoints of older versions
             if windows is not None:
-                self.window.load_state_dict(windows[rank])
+                self.window.load_state_dict(windows[rank] if same_layout else _merge_windows(windows))
         except UserError:
             raise
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            reason = _first_line(e)
             raise UserError(f"{path} does not fit this run: its {part} state cannot be restored ({reason})") from None
         self.step = checkpoint["step"]
         self.elapsed_before = float(checkpoint["elapsed"])
         self.restored_corpus = checkpoint.get("corpus")
+        saved_m = len(checkpoint["states"][0]) if checkpoint["states"] else self.micro_batches
+        self.restored_layout = (saved_world, saved_m, checkpoint.get("parallel", "ddp"))
 
     # ---- one step ----------------------------------------------------------------------------------------
 
@@ -234,7 +301,9 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for m in range(self.micro_batches):
             is_last = m == self.micro_batches - 1
-            no_sync = self.world.is_distributed and not is_last
+            no_sync = self.world.is_distributed and not is_last and not self.fsdp
+            if self.fsdp:  # gradients are reduce-scattered on the last micro-step only
+                self.train_model.set_requires_gradient_sync(is_last)
             with self.train_model.no_sync() if no_sync else contextlib.nullcontext():
                 with self.autocast():
                     logits, state = self.train_model(x[m], self.states[m])
@@ -265,7 +334,7 @@ class Trainer:
         self.scheduler.step()
         if want_norms:
             norms["grad/param_norm"] = torch.nn.utils.get_total_norm(list(self.raw_model.parameters()))
-        return norms if want_norms else {}
+        return {k: full_value(v) for k, v in norms.items()} if want_norms else {}
 
     # ---- validation --------------------------------------------------------------------------------------
 
@@ -482,6 +551,47 @@ class Interruption:
         elif now - self.first_at >= self.REPEAT_AFTER_SECONDS:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _merge_loader_states(states: list) -> dict:
+    """One loader state holding the stream positions every process saved (it loads on any layout)."""
+    merged = dict(states[0])
+    merged["streams"] = [stream for state in states for stream in state.get("streams", [])]
+    return merged
+
+
+def _merge_windows(windows: list) -> dict:
+    """The loss window for a process of another layout: the mean of the saved processes' loss sums (the
+    report averages over processes, so the logged mean stays the same), any NaN seen, rank 0's clock."""
+    merged = dict(windows[0])
+    merged["loss_sum"] = torch.stack([w["loss_sum"].float().reshape(()) for w in windows]).mean()
+    merged["nonfinite"] = torch.stack([w["nonfinite"].bool().reshape(()) for w in windows]).any()
+    return merged
+
+
+def _seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+SHARDED_FOLDER = re.compile(r"step_\d+\.[0-9a-f]+\.dcp")
+
+
+def _remove_sharded_except(folder: str, keep: str | None):
+    """Delete the sharded checkpoint folders in `folder` except `keep` (the one latest.pt names): the
+    previous one, and any that a killed save left behind. Only names this trainer writes are touched."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if name != keep and SHARDED_FOLDER.fullmatch(name) and os.path.isdir(os.path.join(folder, name)):
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
 def _shapes(state) -> list:
