@@ -287,3 +287,72 @@ def test_two_process_eval_sums_the_counts_of_both_ranks(synthetic_corpus, tmp_pa
     assert two["n_tokens"] == one["n_tokens"] and two["top1"] == one["top1"]
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-9)
     assert np.isclose(two["ppl"], one["ppl"], rtol=1e-9)
+
+
+# ---- capped and streamed evaluation ---------------------------------------------------------------------
+
+
+def test_capped_eval_records_the_cap_and_stays_within_it(synthetic_corpus, tmp_path):
+    data_root, dataset_path = synthetic_corpus
+    run_dir = fabricate_run(tmp_path / "run", data_root, "gpt")
+    assert gpt_eval.main(["--run_dir", run_dir]) == 0
+    full = read_result(run_dir)
+    assert (full["max_tokens"], full["eval_streams"]) == (0, 1)
+
+    assert gpt_eval.main(["--run_dir", run_dir, "--max_tokens", "100"]) == 0
+    capped = read_result(run_dir)
+    assert capped["max_tokens"] == 100 and capped["n_tokens"] == 99 <= 100
+
+    split_size = len(read_split_tokens(dataset_path, "test"))
+    assert gpt_eval.main(["--run_dir", run_dir, "--max_tokens", str(split_size)]) == 0
+    whole = read_result(run_dir)
+    metrics = ("n_tokens", "loss", "top1", "top10")
+    assert [whole[k] for k in metrics] == [full[k] for k in metrics] and whole["max_tokens"] == split_size
+
+
+@pytest.mark.parametrize("project, extra", [("gpt", []), ("lstm", ["--eval_streams", "2"])])
+def test_capped_eval_equals_a_split_truncated_to_those_books(tmp_path, project, extra):
+    """The first two books of the test split (151 + 261 tokens with their <D>) as a cap, and as a split."""
+    from languini.projects.lstm import eval as lstm_eval
+
+    main = {"gpt": gpt_eval.main, "lstm": lstm_eval.main}[project]
+    train = [300, 120, 500, 260, 410, 90, 330, 200]
+    whole_root, short_root = str(tmp_path / "whole"), str(tmp_path / "short")
+    make_synthetic_corpus(whole_root, splits={"train": train, "test": [150, 260, 90]})
+    make_synthetic_corpus(short_root, splits={"train": train, "test": [150, 260]})
+    model = {"block_length": 8} if project == "lstm" else {}
+    capped = fabricate_run(tmp_path / "capped", whole_root, project, **model)
+    short = fabricate_run(tmp_path / "short_run", short_root, project, **model)
+    assert main(["--run_dir", capped, "--max_tokens", str(151 + 261), *extra]) == 0
+    assert main(["--run_dir", short, *extra]) == 0
+    a, b = read_result(capped), read_result(short)
+    for key in ("n_tokens", "loss", "top1", "top10"):
+        assert a[key] == b[key], key
+
+
+def test_lstm_one_stream_is_the_default_and_streams_are_recorded(synthetic_corpus, tmp_path):
+    from languini.projects.lstm import eval as lstm_eval
+
+    data_root, dataset_path = synthetic_corpus
+    run_dir = fabricate_run(tmp_path / "run", data_root, "lstm", block_length=8)
+    assert lstm_eval.main(["--run_dir", run_dir]) == 0
+    default = read_result(run_dir)
+    assert lstm_eval.main(["--run_dir", run_dir, "--eval_streams", "1"]) == 0
+    one = read_result(run_dir)
+    metrics = ("n_tokens", "loss", "top1", "top10")
+    assert [one[k] for k in metrics] == [default[k] for k in metrics]  # exactly the same numbers
+    assert lstm_eval.main(["--run_dir", run_dir, "--eval_streams", "3"]) == 0
+    three = read_result(run_dir)
+    assert (three["eval_streams"], three["state_resets"]) == (3, "at the start of each stream")
+    assert three["n_tokens"] == len(read_split_tokens(dataset_path, "test")) - 3  # one first token per stream
+    assert abs(three["loss"] - default["loss"]) < 0.1
+
+
+def test_stream_and_cap_mistakes_are_one_line(synthetic_corpus, tmp_path, capsys):
+    run_dir = fabricate_run(tmp_path / "run", synthetic_corpus[0], "gpt")
+    err = run_main_expecting_error(["--run_dir", run_dir, "--eval_streams", "4"], capsys)
+    assert "--eval_streams applies to stateful models only" in err and err.count("\n") == 1
+    assert "--max_tokens must be 0" in run_main_expecting_error(["--run_dir", run_dir, "--max_tokens", "-5"], capsys)
+    assert "--max_tokens 1 leaves no target" in run_main_expecting_error(
+        ["--run_dir", run_dir, "--max_tokens", "1"], capsys
+    )

@@ -24,8 +24,10 @@ from languini.dataset_lib.layout import read_books
 from languini.projects.gpt.model import Model as GPT
 from languini.train_lib.eval_metrics import evaluate_on_loader, metrics_from_sums, score_batch
 from languini.train_lib.eval_protocols import (
+    cap_tokens,
     evaluate_sliding_window,
     evaluate_stateful,
+    stream_rows,
     window_batch,
     window_starts,
 )
@@ -294,3 +296,86 @@ def test_read_split_tokens_is_what_the_protocols_read(synthetic_corpus):
     tokens = read_split_tokens(dataset_path, "test")
     books = [n for _, n in read_books(dataset_path, "test")]
     assert len(tokens) == sum(books) + len(books) and tokens[-1] == 2
+
+
+# ---- streamed and capped evaluation ---------------------------------------------------------------------
+
+
+def one_stream_reference(model, tokens, seq_len, lengths):
+    """The one-stream stateful loop as it was before streams existed: one row, chunks of seq_len."""
+    stream = np.concatenate([tokens, np.zeros(seq_len + 1, dtype=tokens.dtype)])
+    sums = torch.zeros(6, dtype=torch.float64)
+    state = model.get_init_state(1, "cpu")
+    for start in np.arange(0, len(tokens) - 1, seq_len, dtype=np.int64):
+        x, y, scored = window_batch(stream, len(tokens), start[None], seq_len, seq_len)
+        logits, state = model(x, state)
+        sums += score_batch(logits, y, scored, lengths)
+    return sums
+
+
+@pytest.mark.parametrize("n_tokens", [64, 67, 9])
+def test_one_stream_equals_the_previous_protocol_exactly(n_tokens):
+    lengths = random_lengths(32)
+    tokens = np.random.default_rng(5).integers(3, 32, n_tokens)
+    new = evaluate_stateful(CumsumRNN(), tokens, 16, 4, 8, NO_AUTOCAST, lengths, progress=False, n_streams=1)
+    assert torch.equal(new, one_stream_reference(CumsumRNN(), tokens, 16, lengths))
+
+
+def loader_streams(dataset_path, split, n_streams, seq_len=8):
+    """Each stream's tokens as the training loader reads them (repeat=False, one pass)."""
+    loader = LanguiniDatasetIterator(dataset_path, split, n_streams, stream_indices(0, 1, n_streams), 1, seq_len,
+                                     "cpu", repeat=False)  # fmt: skip
+    rows = [[] for _ in range(n_streams)]
+    for x, _, _ in loader:
+        for i in range(n_streams):
+            rows[i] += x[0, i].tolist()
+    periods = loader._periods
+    return [np.array(r[: int(p)]) for r, p in zip(rows, periods)]
+
+
+@pytest.mark.parametrize("n_streams", [1, 2, 3, 5])
+def test_streams_hold_the_books_the_training_loader_deals(synthetic_corpus, n_streams):
+    _, dataset_path = synthetic_corpus
+    tokens = read_split_tokens(dataset_path, "test")
+    books = [n for _, n in read_books(dataset_path, "test")]
+    ours = stream_rows(tokens, books, n_streams)
+    theirs = loader_streams(dataset_path, "test", n_streams)
+    assert len(ours) == n_streams
+    for a, b in zip(ours, theirs):
+        assert a.tolist() == b.tolist()
+
+
+def test_capped_streams_are_a_prefix_of_the_books():
+    tokens = np.arange(3, 3 + 10 + 1 + 6 + 1 + 4 + 1)  # books of 10, 6 and 4 tokens, each with its <D>
+    rows = stream_rows(cap_tokens(tokens, 14), [10, 6, 4], 2)
+    assert [r.tolist() for r in rows] == [tokens[:11].tolist(), tokens[11:14].tolist()]
+    assert cap_tokens(tokens, 0) is tokens and len(cap_tokens(tokens, 1000)) == len(tokens)
+
+
+def test_streams_batched_equal_each_stream_alone():
+    lengths = random_lengths(32)
+    book_lengths = [20, 7, 33, 12, 5]
+    rng = np.random.default_rng(6)
+    tokens = np.concatenate([np.append(rng.integers(3, 32, n), 2) for n in book_lengths])
+    model = CumsumRNN()
+    sums = evaluate_stateful(model, tokens, 8, 8, 1, NO_AUTOCAST, lengths, progress=False, n_streams=3,
+                             book_lengths=book_lengths)  # fmt: skip
+    assert set(model.calls) == {(3, 8)}  # three rows per chunk
+    alone = sum(one_stream_reference(CumsumRNN(), s, 8, lengths) for s in stream_rows(tokens, book_lengths, 3))
+    assert sums[1:].tolist() == alone[1:].tolist() and sums[1] == len(tokens) - 3
+    assert sums[0].item() == pytest.approx(alone[0].item(), rel=1e-12)
+    halves = [
+        evaluate_stateful(CumsumRNN(), tokens, 8, 8, 1, NO_AUTOCAST, lengths, rank=r, world_size=2, progress=False,
+                          n_streams=3, book_lengths=book_lengths)  # fmt: skip
+        for r in (0, 1)
+    ]
+    assert (halves[0] + halves[1])[1:].tolist() == sums[1:].tolist()  # streams split across ranks
+
+
+def test_more_streams_than_books_leaves_streams_empty():
+    tokens = np.array([5, 6, 7, 2, 8, 9, 2])
+    rows = stream_rows(tokens, [3, 2], 4)
+    assert [len(r) for r in rows] == [4, 3, 0, 0]
+    sums = evaluate_stateful(CumsumRNN(), tokens, 4, 4, 1, NO_AUTOCAST, progress=False, n_streams=4,
+                             book_lengths=[3, 2])  # fmt: skip
+    assert sums[1] == len(tokens) - 2

@@ -1,13 +1,16 @@
 """The final evaluation of a trained run, shared by every project's `eval.py`.
 
-    eval.py --run_dir DIR [--checkpoint PATH] [--eval_data_split S|all] [--last_n N] [--config_flag value ...]
+    eval.py --run_dir DIR [--checkpoint PATH] [--eval_data_split S|all] [--last_n N] [--max_tokens N]
+            [--eval_streams B] [--config_flag value ...]
     eval.py --checkpoint PATH --config PATH [...]
     eval.py --bundle DIR [...]
 
 Loads `DIR/config.json` and `DIR/checkpoints/latest.pt`, scores each split with the project's protocol
 (`eval_protocols.PROTOCOLS`), prints a table and writes `DIR/eval/<split>.json` (with --config only: next to
 the config file; with --bundle: a verified bundle's config and weights, results in `DIR.eval/` beside the
-bundle, compared with the bundle's own results). Any config flag overrides the run's config (e.g. --test_batch_size, --device,
+bundle, compared with the bundle's own results). `--max_tokens N` scores only the first N tokens of each
+split's stream; `--eval_streams B` (stateful models) reads the split as B streams dealt like the training
+loader's, batched. Both are recorded in the results. Any config flag overrides the run's config (e.g. --test_batch_size, --device,
 --precision, --data_root). Under torchrun the work is split across the processes and the sums added.
 
 The checkpoint is read safely (tensors and plain data only). A run is scored only on the corpus it trained
@@ -30,7 +33,7 @@ from languini.train_lib import bundle, run_folder
 from languini.train_lib.checkpoint import load_model_state, load_model_weights
 from languini.train_lib.distributed import init_distributed, shutdown_distributed, world_from_env
 from languini.train_lib.eval_metrics import all_reduce_sums, metrics_from_sums
-from languini.train_lib.eval_protocols import PROTOCOLS
+from languini.train_lib.eval_protocols import PROTOCOLS, cap_tokens
 from languini.train_lib.project_spec import ProjectSpec
 from languini.train_lib.run_folder import CHECKPOINT_NAME
 from languini.train_lib.token_lengths import load_token_lengths
@@ -42,8 +45,11 @@ EVAL_FLAGS = {  # eval's own flags, taken out before the config flags
     "config": (str, "", "a config.json instead of the run folder's"),
     "allow_other_corpus": (bool, False, "score the run on a corpus other than the one it trained on"),
     "bundle": (str, "", "a bundle written by `languini export` instead of a run folder"),
+    "max_tokens": (int, 0, "score only the first N tokens of each split's stream (0: all)"),
+    "eval_streams": (int, 1, "stateful models: read each split as B streams, dealt like the training loader's"),
 }
-USAGE = """usage: eval.py --run_dir DIR [--checkpoint PATH] [--eval_data_split S|all] [--last_n N] [--flags]
+USAGE = """usage: eval.py --run_dir DIR [--checkpoint PATH] [--eval_data_split S|all] [--last_n N] [--max_tokens N]
+               [--eval_streams B] [--flags]
        eval.py --checkpoint PATH --config PATH [...]
        eval.py --bundle DIR [...]
 
@@ -55,6 +61,11 @@ USAGE = """usage: eval.py --run_dir DIR [--checkpoint PATH] [--eval_data_split S
   --eval_data_split S    a split name, or 'all' for every test split present (default: the config's, 'test')
   --last_n N             GPT sliding window: tokens scored at the end of each window (default 128)
   --test_batch_size N    windows per forward pass
+  --max_tokens N         score only the first N tokens of each split's stream, books in file-list order
+                         (default 0: all); recorded in the JSON with the n_tokens scored
+  --eval_streams B       stateful models (lstm): deal the books to B streams as the training loader does,
+                         each carrying its own state from zero, read as B rows per chunk (default 1: the
+                         whole split as one stream); sliding-window models accept only 1
   --allow_other_corpus   score the run on a corpus other than the one it trained on (recorded in the JSON)
   any other config flag (e.g. --device cpu, --precision fp32, --data_root PATH) overrides the run's config"""
 
@@ -129,6 +140,11 @@ def _compare_with_bundle(result: dict, shared: dict | None) -> str:
     """One line: does this result reproduce the bundle's own result of the split?"""
     if shared is None:
         return f"{result['split']}: the bundle has no result for this split"
+    setting = [k for k in ("protocol", "last_n", "eval_streams", "max_tokens")
+               if result.get(k) != shared.get(k, {"eval_streams": 1, "max_tokens": 0}.get(k))]
+    if setting:
+        how = "; ".join(f"{k} {result.get(k)} vs {shared.get(k)}" for k in setting)
+        return f"{result['split']}: scored with another protocol than the bundle's result ({how}): not comparable"
     keys = [k for k in ("n_tokens", "loss", "normalised_ppl", "bits_per_byte", "top1", "top10") if k in shared]
     differ = [f"{k} {result.get(k)} vs {shared[k]}" for k in keys if result.get(k) != shared[k]]
     if not differ:
@@ -175,12 +191,42 @@ def _format_table(rows: list[dict]) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
 
 
-def _score_split(model, cfg, protocol, dataset_path, split, lengths, precision, device, world) -> dict:
+def check_eval_options(protocol: str, max_tokens: int, eval_streams: int):
+    """One-line errors for --max_tokens and --eval_streams values that cannot be used."""
+    if max_tokens < 0:
+        raise UserError(f"--max_tokens must be 0 (all tokens) or positive; got {max_tokens}")
+    if max_tokens == 1:
+        raise UserError("--max_tokens 1 leaves no target to score (the first token has no context); use 2 or more")
+    if eval_streams < 1:
+        raise UserError(f"--eval_streams must be at least 1; got {eval_streams}")
+    if eval_streams != 1 and protocol != "stateful":
+        raise UserError(
+            f"--eval_streams applies to stateful models only; the {protocol} protocol scores independent "
+            "windows of one stream (batch them with --test_batch_size)"
+        )
+
+
+def protocol_record(protocol: str, last_n: int, max_tokens: int, eval_streams: int) -> dict:
+    """The fields of an eval JSON that say how the split was scored (compared by `languini report`)."""
+    return {
+        "protocol": protocol,
+        "last_n": last_n if protocol != "stateful" else None,
+        "eval_streams": eval_streams,
+        "state_resets": "every window" if protocol != "stateful" else "at the start of each stream",
+        "max_tokens": max_tokens,
+    }
+
+
+def _score_split(model, cfg, protocol, dataset_path, split, lengths, precision, device, world,
+                 max_tokens: int = 0, eval_streams: int = 1) -> dict:
     """The metrics of one split: `protocol` on every process, the sums added across processes."""
-    tokens = read_split_tokens(dataset_path, split)
+    tokens = cap_tokens(read_split_tokens(dataset_path, split), max_tokens)
+    extra = {}
+    if protocol == "stateful":
+        extra = {"n_streams": eval_streams, "book_lengths": [n for _, n in layout.read_books(dataset_path, split)]}
     sums = PROTOCOLS[protocol](
         model, tokens, cfg.seq_len, cfg.last_n, cfg.test_batch_size, autocast_context(precision, device),
-        lengths=lengths, rank=world.rank, world_size=world.size, progress=world.is_main,
+        lengths=lengths, rank=world.rank, world_size=world.size, progress=world.is_main, **extra,
     )  # fmt: skip
     return metrics_from_sums(all_reduce_sums(sums, world), with_chars=lengths is not None)
 
@@ -197,6 +243,7 @@ def run_eval(spec: ProjectSpec, argv) -> int:
     cfg = apply_overrides(cfg, parse_flags(spec.Config, rest))
     protocol, Model = spec.eval_protocol, spec.Model
     check_config(cfg)
+    check_eval_options(protocol, own["max_tokens"], own["eval_streams"])
     dataset_path = layout.check_dataset(cfg.data_root, cfg.dataset, cfg.vocab_size)
     splits = _splits(dataset_path, cfg.data_root, cfg.eval_data_split)
     identity = layout.corpus_identity(dataset_path)
@@ -220,7 +267,9 @@ def run_eval(spec: ProjectSpec, argv) -> int:
         if world.is_main:
             print(f"evaluating {checkpoint} (step {step}) on {device}, {precision}, {world.size} process(es)")
             window = f", last_n {cfg.last_n}, {cfg.test_batch_size} windows per batch"
-            print(f"protocol {protocol}: seq_len {cfg.seq_len}{window if protocol != 'stateful' else ''}")
+            streams = f", {own['eval_streams']} stream(s)" if protocol == "stateful" else ""
+            cap = f", first {own['max_tokens']:,} tokens of each split" if own["max_tokens"] else ""
+            print(f"protocol {protocol}: seq_len {cfg.seq_len}{window if protocol != 'stateful' else streams}{cap}")
             if lengths is None:
                 print(f"no tokenizer.model in {dataset_path}: character and byte metrics are not computed")
         lengths = None if lengths is None else lengths.to(device)
@@ -228,11 +277,13 @@ def run_eval(spec: ProjectSpec, argv) -> int:
         for split in splits:
             started = time.time()
             metrics = _score_split(
-                model, cfg, protocol, dataset_path, split, lengths, precision, device, world
+                model, cfg, protocol, dataset_path, split, lengths, precision, device, world,
+                own["max_tokens"], own["eval_streams"],
             )
             result = {
-                "split": split, **metrics, "last_n": cfg.last_n if protocol != "stateful" else None,
-                "protocol": protocol, "checkpoint_step": step, "seq_len": cfg.seq_len, "checkpoint": checkpoint,
+                "split": split, **metrics,
+                **protocol_record(protocol, cfg.last_n, own["max_tokens"], own["eval_streams"]),
+                "checkpoint_step": step, "seq_len": cfg.seq_len, "checkpoint": checkpoint,
                 "seconds": round(time.time() - started, 3), "other_corpus": other_corpus, "corpus": identity,
             }  # fmt: skip
             if world.is_main:

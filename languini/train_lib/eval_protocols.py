@@ -8,8 +8,15 @@ exactly once.
   targets, every later window only its last last_n, so each scored target sees at least
   seq_len - last_n tokens of context. Windows are independent, so they are batched (and split across
   ranks); the sums equal those of scoring one window at a time.
-* `stateful` (RNNs): consecutive chunks of seq_len tokens, one stream, the state carried through the
-  whole split. The last chunk is padded; padded targets are never scored.
+* `stateful` (RNNs): consecutive chunks of seq_len tokens, the state carried through. With one stream
+  (the default) the whole split is one stream. With B streams the books are dealt to B streams exactly as
+  the training loader deals them (`distribute_books`), each stream starts from a zero state and carries it
+  through its own books, and the B streams are read as the B rows of each chunk. The last chunk of a
+  stream is padded; padded targets are never scored. A stream's first token has no context and is not a
+  target, so B streams score `tokens - B` targets.
+
+`cap_tokens` keeps the first N tokens of the split's stream (the `--max_tokens` of eval.py): the same
+prefix for every protocol and every number of streams.
 
 Each protocol returns the six sums of `evaluation.score_batch` for this rank's share of the work.
 """
@@ -21,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from languini.common_lib.errors import UserError
+from languini.dataset_lib.languini_books import distribute_books
 from languini.train_lib.eval_metrics import score_batch, zero_sums
 from languini.train_lib.token_lengths import TokenLengths
 
@@ -50,6 +58,33 @@ def _padded(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     if len(tokens) < 2:
         raise UserError("the split has fewer than 2 tokens: nothing to evaluate")
     return np.concatenate([tokens, np.zeros(seq_len + 1, dtype=tokens.dtype)])
+
+
+def cap_tokens(tokens: np.ndarray, max_tokens: int) -> np.ndarray:
+    """The first `max_tokens` tokens of the split's stream (0: all of them)."""
+    if max_tokens < 0:
+        raise UserError(f"--max_tokens must be 0 (all) or positive; got {max_tokens}")
+    return tokens if max_tokens == 0 else tokens[:max_tokens]
+
+
+def stream_rows(tokens: np.ndarray, book_lengths, n_streams: int) -> list[np.ndarray]:
+    """The split's stream `tokens` (books in list order, each followed by `<D>`, possibly cut short by a
+    cap) as `n_streams` streams: the books dealt as the training loader deals them, each stream its books
+    (with their `<D>`) in order. Streams that get no book are empty."""
+    if n_streams < 1:
+        raise UserError(f"--eval_streams must be at least 1; got {n_streams}")
+    ends = np.cumsum(np.asarray(book_lengths, dtype=np.int64) + 1)
+    n_books = int(np.searchsorted(ends, len(tokens), side="left")) + 1 if len(tokens) else 0
+    n_books = min(n_books, len(ends))
+    starts = np.concatenate([[0], ends[:-1]])
+    # greedy dealing only looks at the books before: the prefix of books is dealt as in the full split
+    dealt = distribute_books(list(book_lengths)[:n_books], n_streams)
+    return [
+        np.concatenate([tokens[starts[b] : min(ends[b], len(tokens))] for b in books]).astype(np.int64)
+        if books
+        else np.zeros(0, dtype=np.int64)
+        for books in dealt
+    ]
 
 
 def _model_device(model) -> torch.device:
@@ -97,20 +132,39 @@ def evaluate_stateful(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = True,
+    n_streams: int = 1,
+    book_lengths=None,
 ) -> torch.Tensor:
-    """Sums over the whole split as one stream with the state carried through (`last_n`, `batch_size`
-    unused). The stream cannot be split, so only rank 0 works; the other ranks return zeros."""
+    """Sums over the split read as `n_streams` streams, each carrying its state from a zero state through
+    its books (`last_n`, `batch_size` unused). Stream i goes to rank i % world_size, so with one stream
+    only rank 0 works and the other ranks return zeros. `book_lengths` (the token count of every book, in
+    list order) is needed for more than one stream."""
     device = _model_device(model)
     sums = zero_sums(device)
-    if rank != 0:
+    if n_streams == 1:
+        streams = [tokens]
+    elif book_lengths is None:
+        raise ValueError("more than one stream needs the books' lengths")
+    else:
+        streams = stream_rows(tokens, book_lengths, n_streams)
+    if sum(len(s) for s in streams) < 2:
+        raise UserError("the split has fewer than 2 tokens: nothing to evaluate")
+    own = [s for s in streams[rank::world_size] if len(s) >= 2]
+    if not own:
         return sums
-    stream = _padded(tokens, seq_len)
-    starts = np.arange(0, len(tokens) - 1, seq_len, dtype=np.int64)
-    state = model.get_init_state(1, device)
+    longest = max(len(s) for s in own)
+    rows = np.zeros((len(own), longest + seq_len + 1), dtype=np.int64)
+    for i, s in enumerate(own):
+        rows[i, : len(s)] = s
+    n_real = torch.tensor([len(s) for s in own])[:, None]
+    starts = np.arange(0, longest - 1, seq_len, dtype=np.int64)
+    state = model.get_init_state(len(own), device)
     with precision_ctx:
         for start in tqdm(starts, desc="chunks", unit="chunk", disable=not progress, dynamic_ncols=True):
-            x, y, scored = window_batch(stream, len(tokens), start[None], seq_len, seq_len)
-            x, y, scored = x.to(device), y.to(device), scored.to(device)
+            window = torch.from_numpy(rows[:, start : start + seq_len + 1])
+            target_pos = int(start) + 1 + torch.arange(seq_len)
+            scored = target_pos[None, :] < n_real
+            x, y, scored = window[:, :-1].to(device), window[:, 1:].to(device), scored.to(device)
             logits, state = model(x, state)
             sums += score_batch(logits, y, scored, lengths)
     return sums
