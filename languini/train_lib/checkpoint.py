@@ -207,26 +207,31 @@ def load_sharded(folder: str, path: str, model: torch.nn.Module, optimizer=None)
     """Load a DCP checkpoint into `model` (and `optimizer`), resharded for this process's layout: sharded
     (FSDP, any number of processes) or whole (one process, DDP, evaluation)."""
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     no_dist = not dist.is_initialized()
     try:
-        if no_dist:  # DCP says it loads in a single process: that is the intent here
+        with warnings.catch_warnings():  # DCP says it loads in a single process: that is the intent here
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        if optimizer is None:
-            state = {"model": clean_state_dict(model.state_dict())}
-            dcp.load(state, checkpoint_id=folder, no_dist=no_dist)
-            model.load_state_dict(state["model"])
-            return
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optimizer": optim_sd}
-        dcp.load(state, checkpoint_id=folder, no_dist=no_dist)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+            _load_sharded(folder, model, optimizer, no_dist)
     except UserError:
         raise
     except Exception as e:  # a shard that does not fit (another model), a damaged file
         raise UserError(f"{path} does not fit this run: its sharded weights cannot be loaded ({_first_line(e)})") from None
+
+
+def _load_sharded(folder: str, model: torch.nn.Module, optimizer, no_dist: bool):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if optimizer is None:
+        state = {"model": clean_state_dict(model.state_dict())}
+        dcp.load(state, checkpoint_id=folder, no_dist=no_dist)
+        model.load_state_dict(state["model"])
+        return
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(state, checkpoint_id=folder, no_dist=no_dist)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def load_full_into_sharded(checkpoint: dict, path: str, model: torch.nn.Module, optimizer):
