@@ -135,7 +135,7 @@ def test_scaling_fit_per_project_and_crossing(tmp_path):
     dirs += [make_run(tmp_path, f"lstm{s}", project="lstm", steps=s, tokens_per_second=1e3, evals={"test": p})
              for s, p in lstm.items()]  # fmt: skip
     data = report.build_report(load_runs(dirs), str(tmp_path / "out"))
-    laws = {p: PowerLaw(**v) for p, v in data["scaling"]["laws"].items()}
+    laws = {p: PowerLaw(v["a"], v["b"]) for p, v in data["scaling"]["laws"].items()}
     hours = np.array(list(gpt)) * 4 * 32 / 1e3 / 3600
     expected = fit_power_law(hours, list(gpt.values()))
     assert laws["gpt"].b == pytest.approx(expected.b) and laws["gpt"].a == pytest.approx(expected.a)
@@ -152,6 +152,8 @@ def test_scaling_fit_per_project_and_crossing(tmp_path):
         (dict(vocab_size=16384), "different vocabularies"),
         ("last_n", "different last_n"),
         ("protocol", "different eval protocols"),
+        ("eval_streams", "different eval_streams"),
+        ("max_tokens", "different max_tokens"),
     ],
 )
 def test_mismatch_warnings(tmp_path, change, expected):
@@ -162,6 +164,9 @@ def test_mismatch_warnings(tmp_path, change, expected):
     elif change == "protocol":
         b = make_run(tmp_path, "b", evals={"test": 3.0})
         set_eval_field(b, "test", protocol="recurrent")
+    elif change in ("eval_streams", "max_tokens"):
+        b = make_run(tmp_path, "b", evals={"test": 3.0})
+        set_eval_field(b, "test", **{change: 8})
     else:
         b = make_run(tmp_path, "b", evals={"test": 3.0}, **change)
     warnings = report.comparison_warnings(load_runs([a, b]))
@@ -199,8 +204,10 @@ def test_hours_axis_falls_back_to_tokens_without_throughput(tmp_path):
     runs = load_runs([a, make_run(tmp_path, "b", steps=200, tokens_per_second=0.0, evals={"test": 2.5})])
     x, note = curve_axis(runs, "ref_gpu_hours")
     assert x == "tokens" and "tokens_per_second" in note
-    points, x, note = report.scaling_points(runs, "test")
+    points, _, x, note = report.scaling_points(runs, "test", x="tokens")
     assert x == "tokens" and sorted(points["gpt"][0].tolist()) == [100 * 128, 200 * 128]
+    points, _, x, note = report.scaling_points(runs, "test")  # auto: training FLOPs without a throughput
+    assert x == "flops" and "compute is training FLOPs" in note
     data = report.build_report(runs, str(tmp_path / "out"))
     assert data["runs"][0]["ref_gpu_hours"] is None
     assert "falls back to tokens" in (tmp_path / "out" / "report.md").read_text()
@@ -233,3 +240,90 @@ def test_git_revision_formats():
     assert git_revision({"git_revision": "0123456789abcdef0123456789abcdef01234567"}) == "0123456789"
     assert git_revision({"git_revision": "unknown"}) == "unknown"
     assert git_revision({}) == "?"
+
+
+# ---- FLOPs axis, honest fits, markers --------------------------------------------------------------------
+
+
+def test_flops_axis_is_tokens_times_counted_flops_per_token(tmp_path):
+    from languini.projects import load_project
+    from languini.tools.flops import count_step_flops
+
+    run = load_run(make_run(tmp_path, "a", evals={"test": 3.0}))
+    cfg = load_project("gpt").config_from_dict(run.config)
+    per_token = count_step_flops("gpt", cfg).forward_backward_per_token
+    xs, _ = run.series("train/loss", x="flops")
+    tokens, _ = run.series("train/loss", x="tokens")
+    assert run.flops_per_token == per_token > 0
+    assert xs.tolist() == (tokens * per_token).tolist()
+    assert run.training_flops == run.tokens * per_token
+    points, _, x, _ = report.scaling_points([run], "test", x="flops")
+    assert x == "flops" and points["gpt"][0].tolist() == [run.tokens * per_token]
+    data = report.build_report([run], str(tmp_path / "out"), x="flops")
+    assert data["runs"][0]["training_flops"] == run.tokens * per_token
+    assert_png(tmp_path / "out" / "curves_flops.png")
+
+
+def test_a_law_through_two_points_says_so(tmp_path):
+    dirs = [make_run(tmp_path, f"g{s}", steps=s, evals={"test": p}) for s, p in ((100, 4.0), (200, 3.5))]
+    data = report.build_report(load_runs(dirs), str(tmp_path / "out"))
+    assert data["scaling"]["laws"]["gpt"]["compute_levels"] == 2
+    assert any("fitted through 2 compute levels only" in w for w in data["warnings"])
+    assert "2 points only: not a trend" in (tmp_path / "out" / "report.md").read_text()
+    dirs.append(make_run(tmp_path, "g400", steps=400, evals={"test": 3.2}))
+    data = report.build_report(load_runs(dirs), str(tmp_path / "out3"))
+    assert not any("2 compute levels" in w for w in data["warnings"])
+
+
+def test_laws_are_fitted_per_dataset_and_never_crossed_between_datasets(tmp_path):
+    dirs = []
+    for dataset, ppls in (("demo_4096", (4.0, 3.6, 3.3)), ("books_4096", (9.0, 8.0, 7.5))):
+        dirs += [make_run(tmp_path, f"{dataset}_{s}", steps=s, dataset=dataset, evals={"test": p})
+                 for s, p in zip((100, 200, 400), ppls)]  # fmt: skip
+    dirs += [make_run(tmp_path, f"lstm_{s}", project="lstm", steps=s, evals={"test": p})
+             for s, p in zip((100, 200, 400), (5.0, 4.2, 3.6))]  # fmt: skip
+    runs = load_runs(dirs)
+    data = report.build_report(runs, str(tmp_path / "out"))
+    laws = data["scaling"]["laws"]
+    assert set(laws) == {"gpt · demo_4096", "gpt · books_4096", "lstm · demo_4096"}
+    points, _, _, _ = report.scaling_points(runs, "test")
+    demo = fit_power_law(*points["gpt · demo_4096"])
+    assert laws["gpt · demo_4096"]["b"] == pytest.approx(demo.b)
+    assert [c["projects"] for c in data["scaling"]["crossings"]] == [["gpt · demo_4096", "lstm · demo_4096"]]
+    for dataset in ("demo_4096", "books_4096"):
+        assert_png(tmp_path / "out" / f"scaling_{dataset}.png")
+
+
+def test_eval_settings_are_fitted_apart_and_crossings_marked_extrapolated(tmp_path):
+    gpt = [make_run(tmp_path, f"g{s}", steps=s, evals={"test": p}) for s, p in ((100, 4.0), (200, 3.6), (400, 3.3))]
+    lstm = [make_run(tmp_path, f"l{s}", project="lstm", steps=s, evals={"test": p})
+            for s, p in ((100, 5.0), (200, 4.5), (400, 4.1))]  # fmt: skip
+    for run_dir in lstm:
+        set_eval_field(run_dir, "test", protocol="stateful", last_n=None, eval_streams=4)
+    data = report.build_report(load_runs(gpt + lstm), str(tmp_path / "out"))
+    assert set(data["scaling"]["laws"]) == {"gpt · sliding_window last_n 128", "lstm · stateful 4 streams"}
+    assert any("different eval protocols and last_n and eval_streams" in w for w in data["warnings"])
+    (cross,) = data["scaling"]["crossings"]
+    assert cross["inside"] is False
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "outside the measured range (extrapolated)" in md and "Eval settings differ" in md
+    capped = make_run(tmp_path, "capped", steps=800, evals={"test": 3.0})
+    set_eval_field(capped, "test", max_tokens=1000)
+    data = report.build_report(load_runs(gpt + [capped]), str(tmp_path / "out2"))
+    assert data["runs"][-1]["eval_setting"]["test"] == "sliding_window last_n 128, first 1,000 tokens"
+    assert list(data["scaling"]["laws"]) == ["gpt · sliding_window last_n 128"]  # the capped run stays apart
+
+
+def test_one_validation_value_per_step_and_readable_log_ticks(tmp_path):
+    from languini.report_lib.plots import log_tick_subs, tick_label
+
+    run_dir = make_run(tmp_path, "a", steps=100, evals={"test": 3.0})
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": 100, "tokens": 100 * 128, "eval/loss": 0.5}) + "\n")
+    steps, values = load_run(run_dir).series("eval/loss", x="step")
+    assert steps.tolist() == [50, 100] and values[-1] == 0.5
+    for low, high in ((2.0, 3.0), (1.0, 9.0), (1.0, 300.0), (1e9, 1e17), (1e-3, 1e30)):
+        subs, every = log_tick_subs(low, high)
+        decades = np.log10(high / low)
+        assert len(subs) * (decades + 1) / every <= 12
+    assert [tick_label(v) for v in (0.02, 5, 300, 2e4, 1e15)] == ["0.02", "5", "300", "2e4", "1e15"]

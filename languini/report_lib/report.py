@@ -1,10 +1,12 @@
-"""`languini report RUN_DIR... [--out DIR]`: compare runs in a markdown table with plots.
+"""`languini report RUN_DIR... [--out DIR] [--split S] [--x auto|ref_gpu_hours|flops|tokens]`: compare runs.
 
-Writes DIR/report.md (one row per run: project, preset, compute, steps, tokens, parameters, normalised
-perplexity of every evaluated split, git revision), DIR/report.json (the same numbers, unrounded), learning
-curves over tokens and over reference-GPU hours, and normalised perplexity against compute on log-log axes
-with a power law fitted per project and the points where two projects' laws cross (the paper's way of
-comparing scaling trends). Warns when the runs compared differ in dataset, vocabulary or eval protocol.
+Writes DIR/report.md (one row per run: project, preset, compute, training FLOPs, steps, tokens, parameters,
+normalised perplexity of every evaluated split, git revision), DIR/report.json (the same numbers,
+unrounded), learning curves over tokens, training FLOPs and reference-GPU hours, and normalised perplexity
+against compute on log-log axes with a power law fitted per series (project, dataset and eval setting; one
+plot per dataset) and the points where two laws of one dataset cross (the paper's way of comparing scaling
+trends). Warns when the runs compared differ in dataset, vocabulary or eval setting (protocol, last_n,
+eval_streams, max_tokens), and when a law rests on two points only.
 """
 
 import argparse
@@ -17,14 +19,16 @@ import numpy as np
 
 from languini.common_lib.atomic_io import atomic_write_json, atomic_write_text
 from languini.common_lib.errors import UserError, exit_on_user_error
-from languini.report_lib.plots import X_LABELS, plot_learning_curves, plot_scaling
-from languini.report_lib.runs import Run, load_runs
+from languini.report_lib.plots import EXTRAPOLATE_LIMIT, X_LABELS, plot_learning_curves, plot_scaling
+from languini.report_lib.runs import Run, eval_setting, load_runs, setting_label
 from languini.report_lib.scaling import crossing, fit_power_law
 from languini.tools.compute_classes import COMPUTE_CLASS_HOURS
 
 CURVES_TOKENS = "curves_tokens.png"
 CURVES_HOURS = "curves_ref_gpu_hours.png"
+CURVES_FLOPS = "curves_flops.png"
 SCALING = "scaling.png"
+SETTING_FIELDS = ("eval protocols", "last_n", "eval_streams", "max_tokens")  # the parts of eval_setting
 
 
 def ordered_splits(runs: list[Run]) -> list[str]:
@@ -47,16 +51,20 @@ def _differs(what: str, values: dict[str, object]) -> list[str]:
 
 
 def comparison_warnings(runs: list[Run]) -> list[str]:
-    """Why the runs' numbers may not be comparable: dataset, vocabulary or eval protocol differ."""
+    """Why the runs' numbers may not be comparable: dataset, vocabulary or eval setting differ. One line
+    per split whose results were scored under more than one eval setting, naming the parts that differ."""
     warnings = _differs("datasets", {r.name: r.dataset for r in runs if r.dataset is not None})
     warnings += _differs("vocabularies", {r.name: r.vocab_size for r in runs if r.vocab_size is not None})
     for split in ordered_splits(runs):
-        evals = {r.name: r.evals[split] for r in runs if split in r.evals}
-        protocols = {name: e.get("protocol") for name, e in evals.items()}
-        warnings += _differs(f"eval protocols on split '{split}'", protocols)
-        for protocol in set(protocols.values()):
-            same = {name: e.get("last_n") for name, e in evals.items() if protocols[name] == protocol}
-            warnings += _differs(f"last_n on split '{split}' (protocol {protocol})", same)
+        settings = {r.name: eval_setting(r.evals[split]) for r in runs if split in r.evals}
+        if len(set(settings.values())) < 2:
+            continue
+        fields = [f for i, f in enumerate(SETTING_FIELDS) if len({s[i] for s in settings.values()}) > 1]
+        groups = _group({name: setting_label(s) for name, s in settings.items()}).replace("'", "")
+        warnings.append(
+            f"runs used different {' and '.join(fields)} on split '{split}': {groups}; their numbers are not "
+            "directly comparable, so the scaling plot fits each setting separately"
+        )
     return warnings
 
 
@@ -89,10 +97,13 @@ def run_row(run: Run, splits: list[str]) -> dict:
         "steps": run.steps,
         "planned_steps": run.planned_steps,
         "tokens": run.tokens,
+        "flops_per_token": run.flops_per_token,
+        "training_flops": run.training_flops,
         "params": run.n_params,
         "dataset": run.dataset,
         "vocab_size": run.vocab_size,
         "normalised_ppl": {s: run.evals[s].get("normalised_ppl") for s in splits if s in run.evals},
+        "eval_setting": {s: setting_label(eval_setting(run.evals[s])) for s in splits if s in run.evals},
         "git_revision": run.git_revision,
     }
 
@@ -101,29 +112,75 @@ def _is_finite(value) -> bool:
     return isinstance(value, (int, float)) and bool(np.isfinite(value))
 
 
-def scaling_points(runs: list[Run], split: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str, str]:
-    """Per project, (compute, normalised ppl on `split`) of each evaluated run. Compute is reference-GPU
-    hours when every such run has a throughput, else tokens seen. Returns (points, x key, note)."""
+def scaling_axis(scored: list[Run], x: str = "auto") -> tuple[str, str]:
+    """The compute axis of the scaling plot and a note when `auto` (or the asked axis) had to fall back:
+    reference-GPU hours when every run has a throughput, else training FLOPs, else tokens seen."""
+    no_throughput = [r.name for r in scored if r.tokens_per_second <= 0]
+    no_flops = [r.name for r in scored if r.flops_per_token is None]
+    if x in ("auto", "ref_gpu_hours") and not no_throughput:
+        return "ref_gpu_hours", ""
+    if x in ("auto", "ref_gpu_hours", "flops") and not no_flops:
+        if x == "flops":
+            return "flops", ""
+        return "flops", f"tokens_per_second is 0 for {', '.join(no_throughput)}: compute is training FLOPs"
+    if x == "tokens":
+        return "tokens", ""
+    missing = no_flops or no_throughput
+    return "tokens", f"no throughput or FLOP count for {', '.join(missing)}: compute falls back to tokens seen"
+
+
+def scaling_points(runs: list[Run], split: str, x: str = "auto"):
+    """Per series, (compute, normalised ppl on `split`) of each evaluated run. A series is one project on
+    one dataset under one eval setting: a law is never fitted across datasets or settings. Returns
+    (points, series -> (dataset, eval setting), x key, note)."""
     scored = [r for r in runs if r.tokens > 0 and _is_finite(r.evals.get(split, {}).get("normalised_ppl"))]
-    x, note = "ref_gpu_hours", ""
-    if any(r.tokens_per_second <= 0 for r in scored):
-        x = "tokens"
-        note = "tokens_per_second is 0 for some runs: compute is tokens seen, not reference-GPU hours"
+    x, note = scaling_axis(scored, x)
+    datasets = {r.dataset for r in scored}
+    settings = {eval_setting(r.evals[split]) for r in scored}
     points: dict[str, tuple[list, list]] = {}
+    meta: dict[str, tuple] = {}
     for r in scored:
-        xs, ys = points.setdefault(r.project, ([], []))
-        xs.append(r.ref_gpu_hours if x == "ref_gpu_hours" else r.tokens)
+        setting = eval_setting(r.evals[split])
+        label = r.project
+        if len(datasets) > 1:
+            label += f" · {r.dataset}"
+        if len(settings) > 1:
+            label += f" · {setting_label(setting)}"
+        xs, ys = points.setdefault(label, ([], []))
+        meta[label] = (r.dataset, setting)
+        xs.append({"ref_gpu_hours": r.ref_gpu_hours, "flops": r.training_flops}.get(x, r.tokens))
         ys.append(float(r.evals[split]["normalised_ppl"]))
-    return {p: (np.asarray(xs), np.asarray(ys)) for p, (xs, ys) in points.items()}, x, note
+    points = {p: (np.asarray(xs, dtype=np.float64), np.asarray(ys)) for p, (xs, ys) in points.items()}
+    return points, meta, x, note
 
 
-def fit_scaling(points: dict[str, tuple[np.ndarray, np.ndarray]]):
-    """A power law per project with two or more compute levels, and the crossing of every pair of laws."""
+def fit_scaling(points: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict[str, tuple] | None = None):
+    """A power law per series with two or more compute levels, and the crossing of every pair of laws on
+    the same dataset that scored the same tokens (same max_tokens); settings that differ otherwise (a GPT's
+    sliding window against an RNN's carried state) are named beside the crossing by the report."""
+    meta = meta or {p: (None, None) for p in points}
     laws = {p: fit_power_law(xs, ys) for p, (xs, ys) in points.items() if len(np.unique(xs)) >= 2}
     crossings = {}
     for p, q in itertools.combinations(sorted(laws), 2):
+        (dp, sp), (dq, sq) = meta[p], meta[q]
+        if dp != dq or (sp and sq and sp[3] != sq[3]):
+            continue
         crossings[(p, q)] = crossing(laws[p], laws[q])
     return laws, crossings
+
+
+def two_point_warnings(points, laws) -> list[str]:
+    """A law through two compute levels is a line through two points, not a measured trend: say so."""
+    return [
+        f"the {p} law is fitted through 2 compute levels only: it passes through both points exactly and "
+        "says nothing about the trend; add runs at more compute levels"
+        for p in laws if len(np.unique(points[p][0])) == 2
+    ]  # fmt: skip
+
+
+def scaling_file(dataset, datasets: list) -> str:
+    """scaling.png for a report of one dataset, scaling_<dataset>.png per dataset otherwise."""
+    return SCALING if len(datasets) <= 1 else f"scaling_{dataset}.png"
 
 
 def compute_label(hours: float | None) -> str:
@@ -144,7 +201,7 @@ def _md_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def results_table(rows: list[dict], splits: list[str]) -> str:
-    headers = ["run", "project", "preset", "compute (ref-GPU h)", "steps", "tokens", "params"]
+    headers = ["run", "project", "preset", "compute (ref-GPU h)", "training FLOPs", "steps", "tokens", "params"]
     headers += [f"norm. ppl {s}" for s in splits] + ["git"]
     lines = []
     for row in rows:
@@ -156,6 +213,7 @@ def results_table(rows: list[dict], splits: list[str]) -> str:
             row["project"],
             row["preset"],
             compute_label(row["ref_gpu_hours"]),
+            _fmt(row["training_flops"], ".3g"),
             steps,
             f"{row['tokens']:,}",
             _fmt(row["params"], ","),
@@ -165,22 +223,35 @@ def results_table(rows: list[dict], splits: list[str]) -> str:
     return _md_table(headers, lines)
 
 
-def scaling_section(laws, crossings, points, x: str, split: str, note: str) -> list[str]:
+def _in_range(cx: float, xs_a: np.ndarray, xs_b: np.ndarray) -> bool:
+    """A crossing is measured only when it lies within the compute range of both laws' runs."""
+    return max(xs_a.min(), xs_b.min()) <= cx <= min(xs_a.max(), xs_b.max())
+
+
+def scaling_section(laws, crossings, points, meta, x: str, split: str, note: str, files: dict) -> list[str]:
     lines = [f"## Scaling: normalised perplexity on `{split}` against {X_LABELS[x]}", ""]
     if note:
         lines += [f"Note: {note}.", ""]
-    lines += [f"![scaling]({SCALING})", ""]
+    for dataset, name in files.items():
+        lines += [f"![scaling on {dataset}]({name})", ""]
     if not laws:
         return lines + [
-            "No power law fitted: a project needs evaluated runs at two or more compute levels.",
+            "No power law fitted: a series (project, dataset, eval setting) needs evaluated runs at two or more "
+            "compute levels.",
             "",
         ]
-    xs_all = np.concatenate([p[0] for p in points.values()])
-    rows = [[p, str(len(points[p][0])), f"{law.a:.6g}", f"{law.b:.6g}"] for p, law in laws.items()]
+    rows = []
+    for p, law in laws.items():
+        n = len(np.unique(points[p][0]))
+        dataset, setting = meta[p]
+        kind = "2 points only: not a trend" if n == 2 else f"{n} compute levels"
+        rows.append([p, str(dataset), setting_label(setting), str(len(points[p][0])), f"{law.a:.6g}", f"{law.b:.6g}",
+                     kind])  # fmt: skip
     lines += [
-        "Fitted y = a · x^b by least squares on log y against log x.",
+        "Fitted y = a · x^b by least squares on log y against log x, per series (project, dataset, eval setting). "
+        "A law through two compute levels passes through both points exactly: it is a line, not a trend.",
         "",
-        _md_table(["project", "runs", "a", "b"], rows),
+        _md_table(["series", "dataset", "eval setting", "runs", "a", "b", "fit"], rows),
         "",
     ]
     for (p, q), where in crossings.items():
@@ -188,11 +259,15 @@ def scaling_section(laws, crossings, points, x: str, split: str, note: str) -> l
             lines.append(f"- {p} and {q}: parallel laws, they never cross.")
             continue
         cx, cy = where
-        inside = "inside" if xs_all.min() <= cx <= xs_all.max() else "outside (extrapolated)"
-        lines.append(
-            f"- {p} and {q} cross at {cx:.4g} {X_LABELS[x]} (normalised ppl {cy:.4g}), "
-            f"{inside} the measured range."
+        inside = (
+            "inside the measured range"
+            if _in_range(cx, points[p][0], points[q][0])
+            else "outside the measured range (extrapolated)"
         )
+        differ = ""
+        if meta[p][1] != meta[q][1]:
+            differ = f" Eval settings differ ({setting_label(meta[p][1])} against {setting_label(meta[q][1])})."
+        lines.append(f"- {p} and {q} cross at {cx:.4g} {X_LABELS[x]} (normalised ppl {cy:.4g}), {inside}.{differ}")
     return lines + [""]
 
 
@@ -205,7 +280,8 @@ def details_section(runs: list[Run]) -> list[str]:
             "",
             f"- path: `{r.path}`",
             f"- dataset: {r.dataset} (vocab {r.vocab_size}), seq_len {c.get('seq_len')}, "
-            f"batch {c.get('train_batch_size')}, tokens_per_second {r.tokens_per_second:g}",
+            f"batch {c.get('train_batch_size')}, tokens_per_second {r.tokens_per_second:g}, "
+            f"FLOPs per token (fwd+bwd) {_fmt(r.flops_per_token, '.4g')}",
             f"- git revision: {r.git_revision}; torch {env.get('torch_version', '?')}; "
             f"device {env.get('device_name', '?')}; world size {env.get('world_size', '?')}",
         ]
@@ -216,7 +292,7 @@ def details_section(runs: list[Run]) -> list[str]:
             lines.append(f"- command: `{' '.join(command) if isinstance(command, list) else command}`")
         for split, e in sorted(r.evals.items()):
             lines.append(
-                f"- eval `{split}`: protocol {e.get('protocol')}, last_n {e.get('last_n')}, "
+                f"- eval `{split}`: {setting_label(eval_setting(e))}, "
                 f"checkpoint step {e.get('checkpoint_step')}, {e.get('n_tokens')} tokens, "
                 f"bits/byte {_fmt(e.get('bits_per_byte'), '.4f')}"
             )
@@ -224,26 +300,38 @@ def details_section(runs: list[Run]) -> list[str]:
     return lines
 
 
-def build_report(runs: list[Run], out_dir: str, split: str = "test") -> dict:
+def build_report(runs: list[Run], out_dir: str, split: str = "test", x: str = "auto") -> dict:
     """Write report.md, report.json and the plots into `out_dir`; return the report's data."""
     os.makedirs(out_dir, exist_ok=True)
     splits = ordered_splits(runs)
-    rows = [run_row(r, splits) for r in runs]  # counts parameters first: its warnings join the run's
+    rows = [run_row(r, splits) for r in runs]  # counts parameters and FLOPs first: their warnings join the run's
     warnings = [w for r in runs for w in r.warnings + run_warnings(r)] + comparison_warnings(runs)
 
-    plot_learning_curves(runs, os.path.join(out_dir, CURVES_TOKENS), x="tokens")
-    hours_note = plot_learning_curves(runs, os.path.join(out_dir, CURVES_HOURS), x="ref_gpu_hours")
-    points, x, note = scaling_points(runs, split)
-    laws, crossings = fit_scaling(points)
-    plot_scaling(
-        points,
-        laws,
-        [c for c in crossings.values() if c],
-        os.path.join(out_dir, SCALING),
-        x_label=X_LABELS[x],
-        y_label=f"normalised perplexity ({split})",
-        note=note,
-    )
+    plot_learning_curves(runs, os.path.join(out_dir, CURVES_TOKENS), x="tokens", split=split)
+    flops_note = plot_learning_curves(runs, os.path.join(out_dir, CURVES_FLOPS), x="flops", split=split)
+    hours_note = plot_learning_curves(runs, os.path.join(out_dir, CURVES_HOURS), x="ref_gpu_hours", split=split)
+    points, meta, x, note = scaling_points(runs, split, x)
+    laws, crossings = fit_scaling(points, meta)
+    warnings += two_point_warnings(points, laws)
+    datasets = sorted({d for d, _ in meta.values()}, key=str) or [None]
+    files = {}
+    for dataset in datasets:
+        mine = {p: v for p, v in points.items() if meta[p][0] == dataset} if meta else {}
+        marks, beyond = [], []
+        for (p, q), c in crossings.items():
+            if c is None or p not in mine:
+                continue
+            inside = _in_range(c[0], points[p][0], points[q][0])
+            marks.append((c[0], c[1], inside))
+            xs = np.concatenate([points[p][0], points[q][0]])
+            if not xs.min() / 1.5 / EXTRAPOLATE_LIMIT <= c[0] <= xs.max() * 1.5 * EXTRAPOLATE_LIMIT:
+                beyond.append(f"{p} and {q} cross at {c[0]:.3g} (extrapolated far beyond the plotted range)")
+        files[dataset] = scaling_file(dataset, datasets)
+        plot_scaling(
+            mine, {p: law for p, law in laws.items() if p in mine}, marks, os.path.join(out_dir, files[dataset]),
+            x_label=X_LABELS[x], y_label=f"normalised perplexity ({split})", note=note,
+            title=f"normalised perplexity on '{split}' of {dataset} against compute", beyond=beyond,
+        )  # fmt: skip
 
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     md = [f"# Languini report ({len(runs)} run{'s' if len(runs) != 1 else ''}, {now})", ""]
@@ -255,18 +343,26 @@ def build_report(runs: list[Run], out_dir: str, split: str = "test") -> dict:
         results_table(rows, splits),
         "",
         "Compute is the reference-GPU hours of the tokens seen (tokens / tokens_per_second / 3600); "
-        "n/a when the run's config has no tokens_per_second.",
+        "n/a when the run's config has no tokens_per_second. Training FLOPs are the counted forward and "
+        "backward FLOPs per token of the run's config (`count_step_flops`) times the tokens seen.",
         "",
         "## Learning curves",
         "",
+        "Lines: training loss. Hollow circles: in-training validation, the first `max_eval_steps` batches of "
+        "`eval_batch_size` test streams from a zero state (a partial split: it tracks training). Stars: the "
+        f"`eval.py` result on `{split}` (the number to report), at the checkpoint it scored.",
+        "",
         f"![learning curves over tokens]({CURVES_TOKENS})",
+        "",
+        f"![learning curves over training FLOPs]({CURVES_FLOPS})",
         "",
         f"![learning curves over reference-GPU hours]({CURVES_HOURS})",
         "",
     ]
-    if hours_note:
-        md += [f"Note: {hours_note}.", ""]
-    md += scaling_section(laws, crossings, points, x, split, note) + details_section(runs)
+    for fallback in (flops_note, hours_note):
+        if fallback:
+            md += [f"Note: {fallback}.", ""]
+    md += scaling_section(laws, crossings, points, meta, x, split, note, files) + details_section(runs)
     atomic_write_text(os.path.join(out_dir, "report.md"), "\n".join(md))
 
     data = {
@@ -274,11 +370,17 @@ def build_report(runs: list[Run], out_dir: str, split: str = "test") -> dict:
         "scaling": {
             "split": split,
             "x": x,
-            "laws": {p: {"a": law.a, "b": law.b} for p, law in laws.items()},
+            "files": {str(d): f for d, f in files.items()},
+            "laws": {
+                p: {"a": law.a, "b": law.b, "dataset": meta[p][0], "eval_setting": setting_label(meta[p][1]),
+                    "compute_levels": int(len(np.unique(points[p][0])))}
+                for p, law in laws.items()
+            },  # fmt: skip
             "crossings": [
-                {"projects": [p, q], "x": c[0] if c else None, "y": c[1] if c else None}
+                {"projects": [p, q], "x": c[0] if c else None, "y": c[1] if c else None,
+                 "inside": bool(c and _in_range(c[0], points[p][0], points[q][0]))}
                 for (p, q), c in crossings.items()
-            ],
+            ],  # fmt: skip
         },
         "warnings": warnings,
     }
@@ -308,10 +410,15 @@ def main(argv=None):
     )
     parser.add_argument("--out", default="reports", help="report folder (default: reports)")
     parser.add_argument("--split", default="test", help="split plotted against compute (default: test)")
+    parser.add_argument(
+        "--x", default="auto", choices=["auto", "ref_gpu_hours", "flops", "tokens"],
+        help="compute axis of the scaling plot (default auto: reference-GPU hours when every run has a "
+        "throughput, else training FLOPs)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     runs = load_runs(args.run_dirs)
-    data = build_report(runs, args.out, args.split)
+    data = build_report(runs, args.out, args.split, args.x)
     for w in data["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
     print(results_table(data["runs"], ordered_splits(runs)))

@@ -19,7 +19,7 @@ import numpy as np
 from languini.common_lib.config import apply_overrides
 from languini.common_lib.errors import UserError
 from languini.projects import load_project
-from languini.tools.flops import build_model, param_counts
+from languini.tools.flops import build_model, count_step_flops, param_counts
 
 RUN_MARKERS = ("config.json", "metrics.jsonl")
 GIT_KEYS = ("git_revision", "git_rev", "git_commit", "git", "revision", "commit")
@@ -29,6 +29,33 @@ PARAM_KEYS = ("n_params", "num_params", "params", "parameters")
 CONFIG_NUMBERS = ("max_train_steps", "train_batch_size", "seq_len", "vocab_size", "tokens_per_second")
 EVAL_NUMBERS = ("loss", "ppl", "normalised_loss", "normalised_ppl", "bits_per_byte", "top1", "top10", "n_tokens",
                 "n_chars", "n_bytes", "last_n", "checkpoint_step")  # fmt: skip
+
+
+EVAL_SETTING_DEFAULTS = {"eval_streams": 1, "max_tokens": 0}  # what an eval JSON without the key used
+
+
+def eval_setting(result: dict) -> tuple:
+    """How a split was scored: (protocol, last_n, eval_streams, max_tokens). Results written before
+    streams and caps existed scored the whole split as one stream."""
+    return (
+        result.get("protocol"),
+        result.get("last_n"),
+        result.get("eval_streams", EVAL_SETTING_DEFAULTS["eval_streams"]),
+        result.get("max_tokens", EVAL_SETTING_DEFAULTS["max_tokens"]),
+    )
+
+
+def setting_label(setting: tuple) -> str:
+    """A short readable name of an eval setting, e.g. `sliding_window last_n 128` or `stateful 8 streams,
+    first 1e+06 tokens`."""
+    protocol, last_n, streams, max_tokens = setting
+    parts = [str(protocol)]
+    if last_n is not None:
+        parts.append(f"last_n {last_n}")
+    if streams not in (None, 1):
+        parts.append(f"{streams} streams")
+    text = " ".join(parts)
+    return text + (f", first {max_tokens:,} tokens" if max_tokens else "")
 
 
 def is_number(value) -> bool:
@@ -125,19 +152,39 @@ class Run:
             self.warnings.append(f"{self.name}: could not count parameters ({type(e).__name__}: {e})")
             return None
 
+    @cached_property
+    def flops_per_token(self) -> float | None:
+        """Training FLOPs per token of the config: forward + backward of one step (`count_step_flops`,
+        matrix products only, attention over the full T x T matrix) divided by its tokens."""
+        try:
+            return count_flops_per_token(self.config)
+        except Exception as e:  # an unknown or changed project must not stop the report
+            self.warnings.append(f"{self.name}: could not count FLOPs ({type(e).__name__}: {e})")
+            return None
+
+    @property
+    def training_flops(self) -> float | None:
+        """FLOPs per token x tokens seen (None when the FLOPs cannot be counted)."""
+        fpt = self.flops_per_token
+        return None if fpt is None else fpt * self.tokens
+
     def series(self, key: str, x: str = "tokens") -> tuple[np.ndarray, np.ndarray]:
-        """(x values, metric values) of every record holding `key`; x is step, tokens or ref_gpu_hours."""
-        xs, ys = [], []
+        """(x values, metric values) of every record holding `key`; x is step, tokens, flops or
+        ref_gpu_hours. One value per x: when a step was logged twice, the later record counts."""
+        by_x: dict[float, float] = {}
         for r in self.metrics:
             if key not in r or r[key] is None:
                 continue
             xv = self._x_of(r, x)
             if xv is not None:
-                xs.append(xv)
-                ys.append(float(r[key]))
-        return np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+                by_x.pop(xv, None)
+                by_x[xv] = float(r[key])
+        return np.asarray(list(by_x), dtype=np.float64), np.asarray(list(by_x.values()), dtype=np.float64)
 
     def _x_of(self, record: dict, x: str) -> float | None:
+        if x == "flops":
+            fpt, tokens = self.flops_per_token, record.get("tokens")
+            return None if fpt is None or tokens is None else float(tokens) * fpt
         if x == "ref_gpu_hours":
             if record.get("ref_gpu_hours") is not None:
                 return float(record["ref_gpu_hours"])
@@ -175,6 +222,21 @@ def count_params(config: dict) -> int:
     known = {k: v for k, v in config.items() if k in cfg_cls.__dataclass_fields__}
     cfg = apply_overrides(cfg_cls(), known)
     return param_counts(build_model(project, cfg, "meta"), cfg.vocab_size)[0]
+
+
+_FLOPS_CACHE: dict[str, float] = {}
+
+
+def count_flops_per_token(config: dict) -> float:
+    """Forward + backward FLOPs per token of the run's model and sequence length (counted once per config)."""
+    project = config.get("project")
+    cfg_cls = load_project(project).Config
+    known = {k: v for k, v in config.items() if k in cfg_cls.__dataclass_fields__}
+    key = json.dumps([project, known], sort_keys=True, default=str)
+    if key not in _FLOPS_CACHE:
+        cfg = apply_overrides(cfg_cls(), known)
+        _FLOPS_CACHE[key] = count_step_flops(project, cfg, batch_size=1).forward_backward_per_token
+    return _FLOPS_CACHE[key]
 
 
 def _read_json(path: str, what: str, warnings: list[str], name: str) -> dict:
