@@ -1,0 +1,52 @@
+"""Gated DeltaNet configs: GPT's depth, width and heads, a SwiGLU MLP width that matches GPT's parameters.
+
+`mlp_dim` is the SwiGLU hidden width, chosen per preset as a multiple of 128 (64 for nano) so the total
+parameter count is within 1.1% of the GPT preset of the same name (README.md lists the counts, the tests
+check them). Keys and values have `head_dim` channels per head, so each head's state is head_dim x head_dim.
+"""
+
+from dataclasses import dataclass
+
+from languini.common_lib.config import cfg_field
+from languini.train_lib.train_config import TrainConfig
+
+
+@dataclass
+class Config(TrainConfig):
+    n_layers: int = cfg_field(4, "gated DeltaNet blocks")
+    h_dim: int = cfg_field(512, "residual stream width")
+    mlp_dim: int = cfg_field(1280, "SwiGLU hidden width")
+    head_dim: int = cfg_field(
+        32, "key and value width of one head (the state of a head is head_dim x head_dim)"
+    )
+    n_heads: int = cfg_field(8, "heads of the delta rule")
+    conv_size: int = cfg_field(4, "kernel width of the short causal depthwise convolutions on q, k and v")
+    gate: bool = cfg_field(
+        True, "gated DeltaNet (learned decay g <= 0); --no-gate: the plain delta rule, g = 0"
+    )
+    kernel: str = cfg_field(
+        "torch", "delta-rule kernel: chunked PyTorch, the step-by-step loop, or flash-linear-attention (CUDA)",
+        choices=["torch", "reference", "fla"],
+    )  # fmt: skip
+    chunk_size: int = cfg_field(64, "time steps per chunk of the chunked delta rule (--kernel torch)")
+
+
+# GPT's nano: the demo corpus and a small, fast schedule that trains in minutes on two CPU cores.
+NANO = dict(
+    n_layers=2, h_dim=128, mlp_dim=320, head_dim=32, n_heads=4, seq_len=128,
+    data_root="data/demo", dataset="demo_4096", vocab_size=4096,
+    train_batch_size=16, eval_batch_size=16, test_batch_size=16, max_eval_steps=20,
+    max_train_steps=1000, decay_steps=1000, warmup_steps=100,
+    eval_every=200, log_terminal_every=50, log_metrics_every=10, log_grads_every=100, log_ckpt_every=500,
+)  # fmt: skip
+
+PRESETS = {
+    "nano": NANO,
+    "mini": dict(n_layers=4, h_dim=512, mlp_dim=1280, head_dim=32, n_heads=8),
+    "tiny": dict(n_layers=4, h_dim=768, mlp_dim=1792, head_dim=64, n_heads=12),
+    "small": dict(n_layers=12, h_dim=768, mlp_dim=1792, head_dim=64, n_heads=12),
+    "medium": dict(n_layers=24, h_dim=1024, mlp_dim=2432, head_dim=64, n_heads=16),
+    "large": dict(n_layers=24, h_dim=1536, mlp_dim=3584, head_dim=96, n_heads=16),
+    "XL": dict(n_layers=24, h_dim=2048, mlp_dim=4480, head_dim=128, n_heads=24),
+}
+DEFAULT_PRESET = "mini"
