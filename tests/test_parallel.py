@@ -18,6 +18,7 @@ from helpers import REPO_ROOT, exit_code, tiny_run_args, train_losses
 from languini.projects import load_project
 from languini.projects.gpt import main as gpt_main
 from languini.projects.lstm import main as lstm_main
+from languini.tools import export
 from languini.train_lib.checkpoint import load_checkpoint, load_model_weights
 
 MAINS = {
@@ -91,6 +92,8 @@ def test_fsdp_equals_accumulation_and_resumes_on_one_process(synthetic_corpus, t
     model = spec.Model(cfg)
     load_model_weights(model, str(latest))  # eval.py / sample read a sharded checkpoint too
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    bundle = export.export_run(str(run_dir), str(tmp_path / "bundle"))  # and so does export
+    assert export.verify_main([bundle]) == 0
 
     assert one_process(project, args(project, data_root, run_dir, 8, "--resume", "auto", "--parallel", "fsdp")) == 0
     assert_same_losses(train_losses(run_dir), expected)

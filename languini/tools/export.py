@@ -24,7 +24,7 @@ from languini.dataset_lib.layout import corpus_identity
 from languini.projects import load_project
 from languini.tools.flops import count_step_flops, param_counts
 from languini.train_lib import bundle
-from languini.train_lib.checkpoint import clean_state_dict, load_checkpoint
+from languini.train_lib.checkpoint import load_model_weights
 from languini.train_lib.run_folder import CHECKPOINT_NAME
 
 RECORDS = ("config.json", "metrics.jsonl", "env.json", "command.txt", "source.zip", bundle.CORPUS)
@@ -108,14 +108,9 @@ def export_run(run_dir: str, out: str, archive: bool = False) -> str:
     config = bundle.read_config_dict(run_dir)
     spec = load_project(config["project"])
     cfg = spec.load_run_config(os.path.join(run_dir, "config.json"))
-    checkpoint = load_checkpoint(os.path.join(run_dir, "checkpoints", CHECKPOINT_NAME))
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
-        raise UserError(f"{run_dir}/checkpoints/{CHECKPOINT_NAME} is not a languini checkpoint (no 'model' entry)")
-    weights = {k: v.detach().clone().contiguous() for k, v in clean_state_dict(checkpoint["model"]).items()}
-    model = meta_model(config)
-    expected = model.state_dict()
-    if set(weights) != set(expected) or any(weights[k].shape != v.shape for k, v in expected.items()):
-        raise UserError(f"the checkpoint of {run_dir} does not fit the {spec.name} model its config describes")
+    model = spec.Model(cfg)  # the checkpoint's weights (plain or sharded) must fit it: one line if not
+    checkpoint = load_model_weights(model, os.path.join(run_dir, "checkpoints", CHECKPOINT_NAME))
+    weights = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
