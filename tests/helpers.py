@@ -3,6 +3,7 @@
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -161,3 +162,31 @@ def run_on_ranks(fn, *args, world_size=2, timeout=120):
         if isinstance(by_rank[rank], BaseException):
             raise AssertionError(f"rank {rank} failed: {by_rank[rank]!r}") from by_rank[rank]
     return [by_rank[rank] for rank in range(world_size)]
+
+
+PAUSING_TRAINER = """
+import dataclasses, sys, time
+from languini.projects import load_project
+from languini.train_lib.train_command import run_training
+
+project, pause_at = sys.argv[1], int(sys.argv[2])
+spec = load_project(project)
+
+class Pausing(spec.Model):
+    calls = 0
+    def forward(self, x, state=None):
+        Pausing.calls += 1
+        if Pausing.calls == pause_at:
+            print("PAUSED", flush=True)
+            time.sleep(600)
+        return super().forward(x, state)
+
+sys.exit(run_training(dataclasses.replace(spec, Model=Pausing), sys.argv[3:]))
+"""
+
+
+def pausing_trainer_command(project: str, pause_at_forward: int, args) -> list[str]:
+    """A command that trains `project` with `args` and, at its `pause_at_forward`-th forward pass, prints
+    PAUSED and sleeps (for `sigkill_once_paused`): with one micro-step and no validation, forward pass n is
+    step n."""
+    return [sys.executable, "-c", PAUSING_TRAINER, project, str(pause_at_forward), *map(str, args)]

@@ -50,6 +50,11 @@ class TrainConfig:
     beta2: float = cfg_field(0.95, "Adam beta2")
     adam_eps: float = cfg_field(1e-8, "Adam epsilon")
     weight_decay: float = cfg_field(0.0, "weight decay (the original uses none)")
+    optimizer: str = cfg_field(
+        "adam", "adam: the paper's recipe; muon: Muon on hidden matrices, Adam on the rest", ["adam", "muon"]
+    )
+    muon_lr: float = cfg_field(0.02, "Muon's peak learning rate (the schedule scales it like max_lr)")
+    muon_momentum: float = cfg_field(0.95, "Muon momentum (Nesterov)")
     grad_clip_norm: float = cfg_field(0.0, "gradient-norm clipping; 0 = off")
     tokens_per_second: float = cfg_field(
         0.0, "reference-GPU throughput of this config; enables the reference-GPU-hours axis"
@@ -105,6 +110,8 @@ def check_config(cfg):
     require(cfg.max_lr > 0 and cfg.adam_eps > 0, "--max_lr and --adam_eps must be > 0")
     for name in ("beta1", "beta2"):
         require(0 <= getattr(cfg, name) < 1, f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
+    muon_ok = 0 < cfg.muon_lr < math.inf and 0 <= cfg.muon_momentum < 1
+    require(muon_ok, f"need --muon_lr > 0, --muon_momentum in [0, 1); got {cfg.muon_lr}, {cfg.muon_momentum}")
     require(cfg.min_lr <= cfg.max_lr, f"--min_lr {cfg.min_lr} is above --max_lr {cfg.max_lr}; the decay ends at min_lr")
     minutes = cfg.ckpt_every_minutes
     require(math.isfinite(minutes) and minutes >= 0, f"--ckpt_every_minutes must be a finite number >= 0 (0 = off), got {minutes}")
