@@ -14,27 +14,19 @@ the safe `safetensors` format instead of a pickled training checkpoint:
 line per problem; `load_bundle` verifies first, then returns the config and weights.
 """
 
-import hashlib
 import json
 import os
 
 import torch
 
 from languini.common_lib.errors import UserError
+from languini.dataset_lib.layout import sha256_file
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "MANIFEST.sha256"
 CONFIG = "config.json"
 CORPUS = "corpus.json"
 REQUIRED = (WEIGHTS, CONFIG, "README.md")
-
-
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def bundle_files(folder: str) -> list[str]:
@@ -50,7 +42,7 @@ def bundle_files(folder: str) -> list[str]:
 
 
 def manifest_text(folder: str) -> str:
-    return "".join(f"{sha256_of(os.path.join(folder, rel))}  {rel}\n" for rel in bundle_files(folder))
+    return "".join(f"{sha256_file(os.path.join(folder, rel))}  {rel}\n" for rel in bundle_files(folder))
 
 
 def _read_manifest(folder: str, problems: list[str]) -> dict[str, str]:
@@ -78,7 +70,7 @@ def _check_files(folder: str, problems: list[str]):
             problems.append(f"{rel} is a symbolic link (a bundle holds plain files only)")
         elif rel not in manifest:
             problems.append(f"{rel} is not in {MANIFEST} (an added file)")
-        elif sha256_of(full) != manifest[rel]:
+        elif sha256_file(full) != manifest[rel]:
             problems.append(f"{rel} does not match its hash in {MANIFEST} (changed or damaged)")
     for rel in sorted(set(manifest) - set(present)):
         problems.append(f"{rel} is listed in {MANIFEST} but missing")
