@@ -1,6 +1,7 @@
 """The kitchen's own equal-compute table: every baseline at the nano size, trained for the same FLOP budget.
 
-    python3 benchmarks/baselines.py [--flops 3e12] [--data_root data/demo] [--out runs/baselines] [--doc FILE]
+    python3 benchmarks/baselines.py [--flops 3e12] [--data_root data/demo --dataset demo_4096]
+                                    [--out runs/baselines] [--doc FILE]
 
 For each model (GPT, quasi-LSTM, Transformer++, gated DeltaNet, GPT with Muon) the steps come from the
 budget and the model's counted FLOPs per token (what `languini steps PROJECT nano --flops F` prints), then
@@ -33,7 +34,7 @@ MODELS = [
 
 def train_and_evaluate(label, project, extra, args) -> dict:
     spec = load_project(project)
-    base = ["nano", "--data_root", args.data_root, "--train_batch_size", str(args.train_batch_size),
+    base = ["nano", "--data_root", args.data_root, "--dataset", args.dataset, "--train_batch_size", str(args.train_batch_size),
             "--seed", str(args.seed), "--device", "cpu", *extra]  # fmt: skip
     cfg = spec.parse_config(base, "baselines")
     per_token = count_step_flops(project, cfg).forward_backward_per_token
@@ -66,7 +67,7 @@ def train_and_evaluate(label, project, extra, args) -> dict:
 def markdown(rows: list[dict], args) -> str:
     lines = [
         f"Budget {args.flops:.3g} training FLOPs (fwd+bwd, torch.utils.flop_counter) per model, nano presets, "
-        f"batch {args.train_batch_size}, seed {args.seed}, demo corpus test split; CPU wall times.",
+        f"batch {args.train_batch_size}, seed {args.seed}, test split of {args.dataset}; CPU wall times.",
         "",
         "| model | params | FLOPs/token | steps | tokens | train s | eval s | normalised ppl | bits/byte | eval protocol |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
@@ -84,7 +85,8 @@ def markdown(rows: list[dict], args) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--flops", type=float, default=3e12, help="training FLOPs per model (default 3e12)")
-    parser.add_argument("--data_root", default="data/demo", help="the demo corpus (languini data prepare demo)")
+    parser.add_argument("--data_root", default="data/demo", help="the corpus folder (languini data prepare ...)")
+    parser.add_argument("--dataset", default="demo_4096", help="the dataset in it, with a 4096-token vocabulary")
     parser.add_argument("--out", default="runs/baselines", help="folder for the run folders")
     parser.add_argument("--train_batch_size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)

@@ -52,13 +52,20 @@ def assert_png(path):
     assert data[:8] == PNG_SIGNATURE and len(data) > 1000
 
 
-def set_eval_field(run_dir, split, **fields):
-    path = os.path.join(run_dir, "eval", f"{split}.json")
+def update_json(path, **fields):
     with open(path) as f:
         data = json.load(f)
     data.update(fields)
     with open(path, "w") as f:
         json.dump(data, f)
+
+
+def set_config_field(run_dir, **fields):
+    update_json(os.path.join(run_dir, "config.json"), **fields)
+
+
+def set_eval_field(run_dir, split, **fields):
+    update_json(os.path.join(run_dir, "eval", f"{split}.json"), **fields)
 
 
 def test_power_law_fit_recovers_known_law():
@@ -327,3 +334,22 @@ def test_one_validation_value_per_step_and_readable_log_ticks(tmp_path):
         decades = np.log10(high / low)
         assert len(subs) * (decades + 1) / every <= 12
     assert [tick_label(v) for v in (0.02, 5, 300, 2e4, 1e15)] == ["0.02", "5", "300", "2e4", "1e15"]
+    # ticks between powers of ten keep their digit: 1.5e12 is not "2e12", 2.5 is not "2"
+    assert [tick_label(v) for v in (1.5e12, 3e12, 2.5, 0.15)] == ["1.5e12", "3e12", "2.5", "0.15"]
+
+
+def test_optimisers_are_separate_series_and_one_budget_gets_a_readable_axis(tmp_path):
+    from languini.report_lib.plots import plot_scaling, scaling_x_range
+
+    adam = [make_run(tmp_path, f"adam{s}", steps=s, evals={"test": p}) for s, p in ((100, 5.0), (200, 4.5))]
+    muon = [make_run(tmp_path, f"muon{s}", steps=s, evals={"test": p}) for s, p in ((100, 4.8), (200, 4.2))]
+    for run_dir in muon:
+        set_config_field(run_dir, optimizer="muon")
+    data = report.build_report(load_runs(adam + muon), str(tmp_path / "out"))
+    assert set(data["scaling"]["laws"]) == {"gpt", "gpt + muon"}
+    # runs at (nearly) one budget: the axis spans 1.5x each side, not just their rounding differences
+    points = {"a": (np.array([2.99e12, 3.0e12]), np.array([7.0, 6.8]))}
+    low, high, _ = scaling_x_range(points, [])
+    assert low == pytest.approx(2.99e12 / 1.5) and high == pytest.approx(4.5e12)
+    plot_scaling(points, {}, [], str(tmp_path / "one_budget.png"), "FLOPs")
+    assert_png(str(tmp_path / "one_budget.png"))

@@ -45,13 +45,13 @@ def _save(fig: Figure, path: str):
 
 
 def tick_label(value: float) -> str:
-    """A short tick label: 0.02, 5, 300, 2e4, 1e15."""
+    """A short tick label with up to two significant digits: 0.02, 5, 300, 2e4, 1.5e12, 1e15."""
     if value <= 0:
         return ""
     if 1e-3 <= value < 1e4:
-        return f"{value:g}"
-    mantissa, exponent = f"{value:.0e}".split("e")
-    return f"{mantissa}e{int(exponent)}"
+        return f"{value:.2g}" if value < 10 else f"{value:.0f}"
+    mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
 
 
 def log_tick_subs(low: float, high: float) -> tuple[tuple[float, ...], int]:
@@ -134,7 +134,7 @@ def plot_learning_curves(
     shown_validation = shown_eval = False
     for run in runs:
         xs, ys = run.series(metric, x)
-        (line,) = ax.plot(xs, ys, linewidth=1.2, label=f"{run.name} ({run.project} {run.preset})")
+        (line,) = ax.plot(xs, ys, linewidth=1.2, label=f"{run.name} ({run.model} {run.preset})")
         ex, ey = run.series(eval_metric, x)
         if len(ex):
             ax.plot(ex, ey, "o", markersize=5, markerfacecolor="none", color=line.get_color(),
@@ -151,6 +151,18 @@ def plot_learning_curves(
         ax.legend(fontsize=7)
     _save(fig, path)
     return note
+
+
+def scaling_x_range(points: dict[str, tuple[np.ndarray, np.ndarray]], crossings: list[tuple[float, float, bool]]):
+    """The x range of the scaling plot, (low, high, crossings drawn): the measured compute widened by 1.5x
+    each side (so runs at one budget sit in half a decade of axis instead of filling it with their rounding
+    differences), and widened further to show each crossing within EXTRAPOLATE_LIMIT of the data."""
+    xs_all = np.concatenate([p[0] for p in points.values()])
+    lo, hi = float(xs_all.min()) / 1.5, float(xs_all.max()) * 1.5
+    drawn = [c for c in crossings if lo / EXTRAPOLATE_LIMIT <= c[0] <= hi * EXTRAPOLATE_LIMIT]
+    for cx, _, _ in drawn:
+        lo, hi = min(lo, cx / 1.5), max(hi, cx * 1.5)
+    return lo, hi, drawn
 
 
 def plot_scaling(
@@ -173,11 +185,8 @@ def plot_scaling(
     ax.set_xscale("log")
     ax.set_yscale("log")
     if points:
-        xs_all = np.concatenate([p[0] for p in points.values()])
-        lo, hi = float(xs_all.min()) / 1.5, float(xs_all.max()) * 1.5
-        drawn = [c for c in crossings if lo / EXTRAPOLATE_LIMIT <= c[0] <= hi * EXTRAPOLATE_LIMIT]
-        for cx, _, _ in drawn:
-            lo, hi = min(lo, cx / 1.5), max(hi, cx * 1.5)
+        lo, hi, drawn = scaling_x_range(points, crossings)
+        ax.set_xlim(lo, hi)
         for series, (xs, ys) in points.items():
             (dots,) = ax.plot(xs, ys, "o", label=series)
             if series not in laws:

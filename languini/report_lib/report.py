@@ -130,8 +130,8 @@ def scaling_axis(scored: list[Run], x: str = "auto") -> tuple[str, str]:
 
 
 def scaling_points(runs: list[Run], split: str, x: str = "auto"):
-    """Per series, (compute, normalised ppl on `split`) of each evaluated run. A series is one project on
-    one dataset under one eval setting: a law is never fitted across datasets or settings. Returns
+    """Per series, (compute, normalised ppl on `split`) of each evaluated run. A series is one project (and
+    optimiser, see Run.model) on one dataset under one eval setting: a law is never fitted across datasets or settings. Returns
     (points, series -> (dataset, eval setting), x key, note)."""
     scored = [r for r in runs if r.tokens > 0 and _is_finite(r.evals.get(split, {}).get("normalised_ppl"))]
     x, note = scaling_axis(scored, x)
@@ -141,7 +141,7 @@ def scaling_points(runs: list[Run], split: str, x: str = "auto"):
     meta: dict[str, tuple] = {}
     for r in scored:
         setting = eval_setting(r.evals[split])
-        label = r.project
+        label = r.model
         if len(datasets) > 1:
             label += f" · {r.dataset}"
         if len(settings) > 1:

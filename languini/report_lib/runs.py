@@ -97,6 +97,13 @@ class Run:
         return str(self.config.get("project") or "?")
 
     @property
+    def model(self) -> str:
+        """The project, plus the optimiser when it is not the default Adam ("gpt + muon"): runs that differ
+        in optimiser are different series of the scaling plot."""
+        optimizer = self.config.get("optimizer") or "adam"
+        return self.project if optimizer == "adam" else f"{self.project} + {optimizer}"
+
+    @property
     def preset(self) -> str:
         return str(self.config.get("preset") or "?")
 
