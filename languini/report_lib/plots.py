@@ -137,14 +137,18 @@ def plot_learning_curves(
         (line,) = ax.plot(xs, ys, linewidth=1.2, label=f"{run.name} ({run.model} {run.preset})")
         ex, ey = run.series(eval_metric, x)
         if len(ex):
-            ax.plot(ex, ey, "o", markersize=5, markerfacecolor="none", color=line.get_color(),
-                    label=None if shown_validation else validation_label(runs))  # fmt: skip
+            ax.plot(ex, ey, "o", markersize=5, markerfacecolor="none", color=line.get_color())
             shown_validation = True
         point = _eval_point(run, x, split)
         if point:
-            ax.plot([point[0]], [point[1]], "*", markersize=12, color=line.get_color(), markeredgecolor="black",
-                    label=None if shown_eval else f"eval.py on '{split}' (whole split, or its --max_tokens cap)")  # fmt: skip
+            ax.plot([point[0]], [point[1]], "*", markersize=12, color=line.get_color(), markeredgecolor="black")
             shown_eval = True
+    # the two kinds of marker get one grey legend entry each, after the runs' colours
+    if shown_validation:
+        ax.plot([], [], "o", markersize=5, markerfacecolor="none", color="grey", label=validation_label(runs))
+    if shown_eval:
+        ax.plot([], [], "*", markersize=12, color="grey", markeredgecolor="black",
+                label=f"eval.py on '{split}' (whole split, or its --max_tokens cap)")  # fmt: skip
     ax.set_xlabel(X_LABELS[x])
     ax.set_ylabel("loss (nats per token)")
     if runs:

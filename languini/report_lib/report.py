@@ -398,7 +398,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="languini report",
         description="Compare runs: a markdown table, learning curves, and normalised perplexity against "
-        "compute with a power law fitted per project.",
+        "compute with a power law fitted per series (project and optimiser, dataset, eval setting).",
         allow_abbrev=False,
     )
     parser.error = _usage_error
