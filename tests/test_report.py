@@ -347,6 +347,8 @@ def test_optimisers_are_separate_series_and_one_budget_gets_a_readable_axis(tmp_
         set_config_field(run_dir, optimizer="muon")
     data = report.build_report(load_runs(adam + muon), str(tmp_path / "out"))
     assert set(data["scaling"]["laws"]) == {"gpt", "gpt + muon"}
+    assert [r["model"] for r in data["runs"]] == ["gpt", "gpt", "gpt + muon", "gpt + muon"]
+    assert "| muon100 | gpt + muon | nano |" in (tmp_path / "out" / "report.md").read_text()
     # runs at (nearly) one budget: the axis spans 1.5x each side, not just their rounding differences
     points = {"a": (np.array([2.99e12, 3.0e12]), np.array([7.0, 6.8]))}
     low, high, _ = scaling_x_range(points, [])

@@ -91,6 +91,7 @@ def run_row(run: Run, splits: list[str]) -> dict:
         "run": run.name,
         "path": run.path,
         "project": run.project,
+        "model": run.model,
         "preset": run.preset,
         "ref_gpu_hours": run.ref_gpu_hours,
         "tokens_per_second": run.tokens_per_second,
@@ -201,7 +202,7 @@ def _md_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def results_table(rows: list[dict], splits: list[str]) -> str:
-    headers = ["run", "project", "preset", "compute (ref-GPU h)", "training FLOPs", "steps", "tokens", "params"]
+    headers = ["run", "model", "preset", "compute (ref-GPU h)", "training FLOPs", "steps", "tokens", "params"]
     headers += [f"norm. ppl {s}" for s in splits] + ["git"]
     lines = []
     for row in rows:
@@ -210,7 +211,7 @@ def results_table(rows: list[dict], splits: list[str]) -> str:
             steps += f" of {row['planned_steps']:,}"
         cells = [
             row["run"],
-            row["project"],
+            row["model"],
             row["preset"],
             compute_label(row["ref_gpu_hours"]),
             _fmt(row["training_flops"], ".3g"),
