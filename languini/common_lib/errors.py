@@ -1,6 +1,7 @@
 """User-facing errors: one clear line on stderr and exit code 2, never a traceback."""
 
 import functools
+import os
 import sys
 
 
@@ -9,7 +10,8 @@ class UserError(Exception):
 
 
 def exit_on_user_error(fn):
-    """Decorate a command-line entry point so that a `UserError` prints `error: ...` and exits 2."""
+    """Decorate a command-line entry point so that a `UserError` prints `error: ...` and exits 2, Ctrl-C
+    exits 130, and output piped into a reader that stopped early (`| head`) ends quietly like a shell tool."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -21,5 +23,9 @@ def exit_on_user_error(fn):
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
+        except BrokenPipeError:
+            # the reader is gone: point stdout at /dev/null so the interpreter's final flush does not fail
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)  # 128 + SIGPIPE, what a shell tool killed by the signal reports
 
     return wrapper
