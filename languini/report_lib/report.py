@@ -237,8 +237,8 @@ def scaling_section(laws, crossings, points, meta, x: str, split: str, note: str
         lines += [f"![scaling on {dataset}]({name})", ""]
     if not laws:
         return lines + [
-            "No power law fitted: a series (project, dataset, eval setting) needs evaluated runs at two or more "
-            "compute levels.",
+            "No power law fitted: a series (project and optimiser, dataset, eval setting) needs evaluated runs at "
+            "two or more compute levels.",
             "",
         ]
     rows = []
@@ -249,8 +249,8 @@ def scaling_section(laws, crossings, points, meta, x: str, split: str, note: str
         rows.append([p, str(dataset), setting_label(setting), str(len(points[p][0])), f"{law.a:.6g}", f"{law.b:.6g}",
                      kind])  # fmt: skip
     lines += [
-        "Fitted y = a · x^b by least squares on log y against log x, per series (project, dataset, eval setting). "
-        "A law through two compute levels passes through both points exactly: it is a line, not a trend.",
+        "Fitted y = a · x^b by least squares on log y against log x, per series (project and optimiser, "
+        "dataset, eval setting). A law through two compute levels passes through both points exactly: it is a line, not a trend.",
         "",
         _md_table(["series", "dataset", "eval setting", "runs", "a", "b", "fit"], rows),
         "",
