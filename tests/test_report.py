@@ -353,5 +353,10 @@ def test_optimisers_are_separate_series_and_one_budget_gets_a_readable_axis(tmp_
     points = {"a": (np.array([2.99e12, 3.0e12]), np.array([7.0, 6.8]))}
     low, high, _ = scaling_x_range(points, [])
     assert low == pytest.approx(2.99e12 / 1.5) and high == pytest.approx(4.5e12)
-    plot_scaling(points, {}, [], str(tmp_path / "one_budget.png"), "FLOPs")
+    assert plot_scaling(points, {}, [], str(tmp_path / "one_budget.png"), "FLOPs") == ["a"]
     assert_png(str(tmp_path / "one_budget.png"))
+    # a law always runs on dotted past its points, so the legend says what dotted means, crossing or not
+    points = {"b": (np.array([1e12, 2e12, 4e12]), np.array([7.0, 6.0, 5.2]))}
+    laws = {"b": fit_power_law(*points["b"])}
+    labels = plot_scaling(points, laws, [], str(tmp_path / "law.png"), "FLOPs")
+    assert "dotted: extrapolated beyond the measured range" in labels and len(labels) == 3

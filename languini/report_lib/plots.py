@@ -183,7 +183,8 @@ def plot_scaling(
     """Log-log scatter of `points` (series -> (x, y)) with each series' fitted law: solid over its measured
     range, dotted where extrapolated. A law through two points only is drawn dotted and labelled so.
     `crossings` are (x, y, inside the measured range); one outside is marked as extrapolated, and one
-    beyond EXTRAPOLATE_LIMIT of the data is named in a corner (`beyond`) instead of drawn."""
+    beyond EXTRAPOLATE_LIMIT of the data is named in a corner (`beyond`) instead of drawn. Returns the
+    legend's labels."""
     title = (title or f"{y_label} against compute") + (f"\n{note}" if note else "")
     fig, ax = _new_figure(title)
     ax.set_xscale("log")
@@ -212,7 +213,7 @@ def plot_scaling(
                 ax.plot([cx], [cy], "o", markersize=9, markerfacecolor="none", markeredgecolor="red")
                 text = f"extrapolated crossing at {tick_label(cx)}"
             ax.annotate(text, (cx, cy), textcoords="offset points", xytext=(6, 6), fontsize=8)
-        if beyond or any(not measured for *_, measured in drawn):
+        if any(series in laws for series in points):  # every drawn law runs on, dotted, past its points
             ax.plot([], [], ":", color="gray", label="dotted: extrapolated beyond the measured range")
         ax.legend(fontsize=7)
         for i, text in enumerate(beyond):
@@ -222,3 +223,4 @@ def plot_scaling(
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
     _save(fig, path)
+    return ax.get_legend_handles_labels()[1]
