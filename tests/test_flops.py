@@ -1,20 +1,24 @@
-"""FLOP counting: the counter agrees with the analytic GPT count and with the original's DeepSpeed figures."""
+"""FLOP counting: the counter agrees with the analytic GPT count and with the original's DeepSpeed figures,
+and counts grouped convolutions' backward right."""
 
 import json
 
 import pytest
 import torch
 from helpers import preset_config
+from torch.utils.flop_counter import FlopCounterMode
 
 from languini.tools.flops import (
     analytic_gpt_forward_flops,
     analytic_gpt_training_flops,
     build_model,
     count_step_flops,
+    flop_counter,
     param_counts,
     sdpa_forward_flops,
 )
 from languini.tools.flops_profile import DEEPSPEED_FORWARD_FLOPS, main
+from languini.train_lib.loss import lm_loss
 
 
 @pytest.mark.parametrize("preset", ["nano", "mini", "tiny", "small", "medium"])
@@ -85,3 +89,34 @@ def test_models_without_causal_attention_count_the_same_in_both_conventions():
 def test_sdpa_flops_of_uneven_shapes():
     q, k, v = torch.empty(2, 3, 5, 8, device="meta"), torch.empty(2, 3, 7, 8, device="meta"), torch.empty(2, 3, 7, 4, device="meta")
     assert sdpa_forward_flops(q, k, v) == 2 * 6 * 5 * 7 * (8 + 4)
+
+
+@pytest.mark.parametrize("conv", [torch.nn.functional.conv1d, torch.nn.functional.conv_transpose1d])
+@pytest.mark.parametrize("groups", [1, 2, 6])
+def test_a_convolution_backward_counts_twice_its_forward_for_any_groups(conv, groups):
+    """Input gradient and weight gradient each cost what the forward costs. torch's own formula counts a
+    grouped convolution's weight gradient as if dense (6x too many for a depthwise one); ours does not."""
+    x = torch.randn(3, 6, 14, requires_grad=True)
+    w = torch.randn(6, 6 // groups, 4, requires_grad=True)
+    with flop_counter(display=False) as forward:
+        conv(x, w, groups=groups)
+    with flop_counter(display=False) as both:
+        conv(x, w, groups=groups).sum().backward()
+    assert forward.get_total_flops() > 0 and both.get_total_flops() == 3 * forward.get_total_flops()
+    with FlopCounterMode(display=False) as torch_own:
+        conv(x, w, groups=groups).sum().backward()
+    assert torch_own.get_total_flops() == (1 + 1 + groups) * forward.get_total_flops()  # what we correct
+
+
+def test_deltanet_step_counts_its_short_convolutions_right():
+    """A whole deltanet step: the three depthwise convolutions per block cost 3x their forward, not the
+    dense count torch would give."""
+    cfg = preset_config("deltanet", "nano")
+    count = count_step_flops("deltanet", cfg)
+    inner, conv, blocks, tokens = cfg.n_heads * cfg.head_dim, cfg.conv_size, cfg.n_layers, cfg.seq_len
+    conv_forward = blocks * 3 * 2 * tokens * inner * conv
+    with FlopCounterMode(display=False) as torch_own:
+        model = build_model("deltanet", cfg, "meta")
+        x = torch.zeros(1, cfg.seq_len, dtype=torch.long, device="meta")
+        lm_loss(model(x, model.get_init_state(1, "meta"))[0], x).backward()
+    assert torch_own.get_total_flops() - count.forward_backward == (inner - 1) * conv_forward

@@ -12,6 +12,8 @@ figures count half of them, the share of the score and AV products a causal kern
 are counted in full in both conventions.
 
 Counting runs on the `meta` device where the model allows it, so even large presets allocate nothing.
+One formula is corrected (`flop_counter`): torch counts the weight gradient of a grouped convolution (a
+depthwise one, say) as if the convolution were dense, `groups` times too many FLOPs.
 """
 
 import contextlib
@@ -19,10 +21,30 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_backward_flop
 
 from languini.projects import load_project
 from languini.train_lib.loss import lm_loss
+
+
+def grouped_conv_backward_flops(grad_out, x, w, bias, stride, padding, dilation, transposed, output_padding,
+                                groups, output_mask, out_shape=None, **kwargs) -> int:
+    """FLOPs of `aten.convolution_backward` (shapes in, as torch's formulas take them): torch's count of
+    the input gradient, and its count of the weight gradient divided by `groups`. Torch's weight-gradient
+    formula is a convolution of the input with the output gradient over all input channels, so a grouped
+    convolution, whose output channels each see only `channels / groups` of them, is counted `groups`
+    times over."""
+    args = (grad_out, x, w, bias, stride, padding, dilation, transposed, output_padding, groups)
+    input_grad = conv_backward_flop(*args, [output_mask[0], False, False], out_val=out_shape)
+    weight_grad = conv_backward_flop(*args, [False, output_mask[1], False], out_val=out_shape)
+    return input_grad + weight_grad // groups
+
+
+def flop_counter(**kwargs) -> FlopCounterMode:
+    """torch's FlopCounterMode with the grouped-convolution backward counted right (keyword arguments are
+    FlopCounterMode's)."""
+    return FlopCounterMode(custom_mapping={torch.ops.aten.convolution_backward: grouped_conv_backward_flops},
+                           **kwargs)  # fmt: skip
 
 
 @dataclass
@@ -126,7 +148,7 @@ def _recording_causal_attention():
 
 def _count(model, x, y, state, backward: bool) -> tuple[int, dict[str, int], int]:
     """(total FLOPs, FLOPs per module, forward FLOPs inside causal attention) of one step."""
-    with FlopCounterMode(display=False, depth=None) as counter, _recording_causal_attention() as causal:
+    with flop_counter(display=False, depth=None) as counter, _recording_causal_attention() as causal:
         logits, _ = model(x, state)
         loss = lm_loss(logits, y)
         if backward:

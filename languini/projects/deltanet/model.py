@@ -82,35 +82,6 @@ def l2_normalise(x, eps=1e-6):
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
 
-class DepthwiseConv(torch.autograd.Function):
-    """`F.conv1d(window, weight, groups=channels)` (no padding) with a backward written as a transposed
-    convolution (input gradient) and a batched dot product per channel (weight gradient).
-
-    Same values as autograd's convolution backward. It exists for FLOP counting: torch.utils.flop_counter
-    counts the weight gradient of a grouped convolution as if it were dense, `channels` times too many
-    FLOPs (for `small` that would add 87 G to a 399 G training step); these two operations are counted
-    right, 2 FLOPs per multiply-add, as the forward is.
-    """
-
-    @staticmethod
-    def forward(ctx, window, weight):
-        ctx.save_for_backward(window, weight)
-        return F.conv1d(window, weight, groups=window.shape[1])
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        window, weight = ctx.saved_tensors
-        grad_out = grad_out.contiguous()  # a fixed layout: compiled graphs may see other strides than traced
-        grad_window = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_window = F.conv_transpose1d(grad_out, weight, groups=window.shape[1])
-        if ctx.needs_input_grad[1]:
-            # grad_weight[c, k] = sum over batch and time of window[b, c, t + k] * grad_out[b, c, t]
-            shifted = window.unfold(2, grad_out.shape[2], 1)  # [B, C, size, T], a view
-            grad_weight = torch.einsum("bckt,bct->ck", shifted, grad_out).unsqueeze(1)
-        return grad_window, grad_weight
-
-
 class ShortConv(nn.Module):
     """Causal depthwise convolution over time with a cache of the last `size - 1` inputs, then SiLU.
 
@@ -126,7 +97,7 @@ class ShortConv(nn.Module):
 
     def forward(self, x, cache):
         window = torch.cat([cache, x.transpose(1, 2)], dim=2)  # [B, C, size - 1 + T]
-        y = DepthwiseConv.apply(window, self.weight.to(window.dtype))
+        y = F.conv1d(window, self.weight.to(window.dtype), groups=window.shape[1])
         # the last size - 1 inputs; cloned so the carried state does not keep the whole window alive
         new_cache = window[:, :, window.shape[2] - (self.size - 1) :].clone()
         return F.silu(y).transpose(1, 2), new_cache
