@@ -64,6 +64,11 @@ def train_and_evaluate(label, project, extra, args) -> dict:
     }  # fmt: skip
 
 
+def _number(value) -> str:
+    """Four decimals, or a dash for a figure the corpus cannot give (no character or byte counts)."""
+    return "–" if value is None else f"{value:.4f}"
+
+
 def markdown(rows: list[dict], args) -> str:
     lines = [
         f"Budget {args.flops:.3g} training FLOPs (fwd+bwd, torch.utils.flop_counter) per model, nano presets, "
@@ -76,8 +81,8 @@ def markdown(rows: list[dict], args) -> str:
         protocol = r["protocol"] + (f", {r['eval_streams']} streams" if r["protocol"] == "stateful" else "")
         lines.append(
             f"| {r['model']} | {r['params']:,} | {r['flops_per_token'] / 1e6:.2f} M | {r['steps']:,} | "
-            f"{r['tokens']:,} | {r['train_seconds']:.0f} | {r['eval_seconds']:.0f} | {r['normalised_ppl']:.4f} | "
-            f"{r['bits_per_byte']:.4f} | {protocol} |"
+            f"{r['tokens']:,} | {r['train_seconds']:.0f} | {r['eval_seconds']:.0f} | {_number(r['normalised_ppl'])} | "
+            f"{_number(r['bits_per_byte'])} | {protocol} |"
         )
     return "\n".join(lines) + "\n"
 
