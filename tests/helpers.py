@@ -1,5 +1,6 @@
 """Helpers shared by the tests (plain functions; the fixtures are in conftest.py)."""
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -13,6 +14,14 @@ from languini.projects import load_project
 from languini.train_lib.loggers import read_metrics
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_benchmark(name):
+    """The script benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 SHARED_DATA = os.path.join(REPO_ROOT, "..", "shared", "data")
 
 

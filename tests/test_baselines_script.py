@@ -1,22 +1,14 @@
 """benchmarks/baselines.py: each model gets the steps of the FLOP budget, trains, is evaluated with its
 project's protocol, and lands in the table (a dash where the corpus has no character counts)."""
 
-import importlib.util
 import json
 import os
 
-from helpers import REPO_ROOT, make_synthetic_corpus
+from helpers import load_benchmark, make_synthetic_corpus
 
 from languini.projects import load_project
 from languini.tools.compute_classes import steps_for_flops
 from languini.tools.flops import count_step_flops
-
-
-def _baselines_module():
-    spec = importlib.util.spec_from_file_location("baselines", os.path.join(REPO_ROOT, "benchmarks", "baselines.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_each_model_trains_for_its_budget_and_is_evaluated_with_its_protocol(tmp_path, capsys):
@@ -25,7 +17,7 @@ def test_each_model_trains_for_its_budget_and_is_evaluated_with_its_protocol(tmp
     argv = ["--flops", "2e10", "--data_root", str(tmp_path / "data"), "--dataset", "synth_256",
             "--out", str(tmp_path / "runs"), "--train_batch_size", "4", "--eval_streams", "2",
             "--only", "GPT", "quasi-LSTM", "--doc", str(doc)]  # fmt: skip
-    assert _baselines_module().main(argv) == 0
+    assert load_benchmark("baselines").main(argv) == 0
     out = capsys.readouterr().out
     rows = json.loads(out[out.index('{\n  "flops"') :])["rows"]
     assert [r["model"] for r in rows] == ["GPT", "quasi-LSTM"]

@@ -1,16 +1,12 @@
 """The block-parallel quasi-LSTM scan equals the step-by-step loop: outputs and all gradients."""
 
-import importlib.util
-import os
-
 import pytest
 import torch
+from helpers import load_benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 from languini.projects.lstm import scans
 from languini.projects.lstm.scans import scan_block_parallel, scan_reference
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
 
@@ -123,10 +119,7 @@ def test_scan_counts_no_flops_and_runs_on_meta(within):
 
 def test_scan_speed_counts_each_tensor_at_its_own_element_size():
     """benchmarks/scan_speed.py with bf16 f and u: the reference loop returns fp32 c, and grad_c is fp32."""
-    path = os.path.join(REPO_ROOT, "benchmarks", "scan_speed.py")
-    spec = importlib.util.spec_from_file_location("scan_speed", path)
-    scan_speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(scan_speed)
+    scan_speed = load_benchmark("scan_speed")
     shape, n = (2, 5, 3), 2 * 5 * 3
     inputs = {"f": torch.rand(shape).bfloat16(), "u": torch.randn(shape).bfloat16(), "c0": torch.randn(2, 3),
               "grad_c": torch.randn(shape)}  # fmt: skip

@@ -5,7 +5,6 @@ Reference everywhere: one process x 2 accumulation steps, which makes the same u
 that need more torchrun launches are marked slow.
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import REPO_ROOT, exit_code, tiny_run_args, train_losses
+from helpers import REPO_ROOT, exit_code, load_benchmark, tiny_run_args, train_losses
 
 from languini.projects import load_project
 from languini.projects.gpt import main as gpt_main
@@ -229,18 +228,11 @@ def test_compile_under_fsdp(synthetic_corpus, tmp_path):
 # ---- memory ---------------------------------------------------------------------------------------------
 
 
-def _memory_module():
-    spec = importlib.util.spec_from_file_location("memory", os.path.join(REPO_ROOT, "benchmarks", "memory.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_analytic_memory_matches_a_measured_step():
     """Parameters + gradients + Adam state of the real nano GPT after one step == the analytic figure (10%)."""
     from languini.train_lib.optim import build_optimizer
 
-    memory = _memory_module()
+    memory = load_benchmark("memory")
     spec = load_project("gpt")
     cfg = spec.preset_config("nano")
     model = spec.Model(cfg)
