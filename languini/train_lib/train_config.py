@@ -89,6 +89,16 @@ class TrainConfig:
     progress_bar: bool = cfg_field(True, "show a tqdm progress bar with ETA")
 
 
+# The data and schedule of every project's `nano` preset (the project adds its model widths): the demo
+# corpus and a short schedule that trains in minutes on two CPU cores.
+NANO_SCHEDULE = dict(
+    seq_len=128, data_root="data/demo", dataset="demo_4096", vocab_size=4096,
+    train_batch_size=16, eval_batch_size=16, test_batch_size=16, max_eval_steps=20,
+    max_train_steps=1000, decay_steps=1000, warmup_steps=100,
+    eval_every=200, log_terminal_every=50, log_metrics_every=10, log_grads_every=100, log_ckpt_every=500,
+)  # fmt: skip
+
+
 def check_config(cfg):
     """Reject nonsensical settings with one clear line before anything is written or trained.
 

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 
 from languini.common_lib.config import cfg_field
-from languini.train_lib.train_config import TrainConfig
+from languini.train_lib.train_config import NANO_SCHEDULE, TrainConfig
 
 
 @dataclass
@@ -15,14 +15,8 @@ class Config(TrainConfig):
     n_heads: int = cfg_field(8, "attention heads (n_heads * head_dim need not equal h_dim)")
 
 
-# The demo corpus and a small, fast schedule: trains in minutes on two CPU cores.
-NANO = dict(
-    n_layers=2, h_dim=128, mlp_dim=512, head_dim=32, n_heads=4, seq_len=128,
-    data_root="data/demo", dataset="demo_4096", vocab_size=4096,
-    train_batch_size=16, eval_batch_size=16, test_batch_size=16, max_eval_steps=20,
-    max_train_steps=1000, decay_steps=1000, warmup_steps=100,
-    eval_every=200, log_terminal_every=50, log_metrics_every=10, log_grads_every=100, log_ckpt_every=500,
-)  # fmt: skip
+# nano: a CPU-sized model on the shared demo-corpus schedule (trains in minutes on two CPU cores).
+NANO = dict(n_layers=2, h_dim=128, mlp_dim=512, head_dim=32, n_heads=4, **NANO_SCHEDULE)
 
 PRESETS = {
     "nano": NANO,
