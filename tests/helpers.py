@@ -8,9 +8,11 @@ import sys
 import time
 
 import numpy as np
+import torch
 
 from languini.dataset_lib.layout import END_OF_DOC, write_file_list, write_token_file
 from languini.projects import load_project
+from languini.train_lib.checkpoint import load_checkpoint
 from languini.train_lib.loggers import read_metrics
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -199,3 +201,33 @@ def pausing_trainer_command(project: str, pause_at_forward: int, args) -> list[s
     PAUSED and sleeps (for `sigkill_once_paused`): with one micro-step and no validation, forward pass n is
     step n."""
     return [sys.executable, "-c", PAUSING_TRAINER, project, str(pause_at_forward), *map(str, args)]
+
+
+def check_stateful_sigkill_resume(project, run_main, make_args, data_root, tmp_path, *extra) -> dict:
+    """A stateful model killed by SIGKILL inside step 11 (8 steps checkpointed, 2 micro-steps per step)
+    resumes to the run it would have been: the same losses bit for bit, the same final weights and the
+    same carried states. `make_args(data_root, run_dir, steps, *flags)` builds the trainer's arguments.
+    Returns the checkpoint the kill left, for the caller's checks of its states."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    extra = [*extra, "--gradient_accumulation_steps", "2"]
+    assert run_main(make_args(data_root, straight, 16, *extra)) == 0
+
+    args = make_args(data_root, killed, 16, *extra, "--log_ckpt_every", "8")
+    sigkill_once_paused(pausing_trainer_command(project, 21, args))  # forward 21: inside step 11
+    assert max(train_losses(killed)) == 10
+    checkpoint = load_checkpoint(str(killed / "checkpoints" / "latest.pt"))
+    assert checkpoint["step"] == 8
+
+    assert run_main(args + ["--resume", "auto"]) == 0
+    resumed, expected = train_losses(killed), train_losses(straight)
+    assert sorted(resumed) == list(range(1, 17))
+    assert resumed == expected  # bit-identical, not approximately equal
+    end_resumed = load_checkpoint(str(killed / "checkpoints" / "latest.pt"))
+    end_straight = load_checkpoint(str(straight / "checkpoints" / "latest.pt"))
+    for micro_a, micro_b in zip(end_resumed["states"][0], end_straight["states"][0]):
+        for layer_a, layer_b in zip(micro_a, micro_b):
+            for a, b in zip(layer_a, layer_b):
+                assert torch.equal(a, b)
+    for name, weight in end_straight["model"].items():
+        assert torch.equal(end_resumed["model"][name], weight), name
+    return checkpoint

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from helpers import (
     REPO_ROOT,
+    check_stateful_sigkill_resume,
     exit_code,
     nano_demo_args,
-    sigkill_once_paused,
     tiny_run_args,
     train_losses,
     write_bigram_corpus,
@@ -475,52 +475,9 @@ def test_two_processes_equal_one_process_with_accumulation(synthetic_corpus, tmp
                 torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
 
 
-PAUSING_TRAINER = """
-import sys, time
-import dataclasses
-from languini.projects import load_project
-from languini.projects.deltanet import model
-from languini.train_lib.train_command import run_training
-
-class PauseAtCall(model.Model):
-    calls = 0
-    def forward(self, x, state=None):
-        PauseAtCall.calls += 1
-        if PauseAtCall.calls == int(sys.argv[1]):
-            print("PAUSED", flush=True)
-            time.sleep(600)
-        return super().forward(x, state)
-
-sys.exit(run_training(dataclasses.replace(load_project("deltanet"), Model=PauseAtCall), sys.argv[2:]))
-"""
-
-
 def test_resume_after_sigkill_is_bit_identical_including_states(synthetic_corpus, tmp_path):
-    data_root, _ = synthetic_corpus
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    extra = ["--gradient_accumulation_steps", "2"]
-    assert run_main(tiny_args(data_root, straight, 16, *extra)) == 0
-
-    # 8 steps checkpointed, then killed inside step 11 (2 forward calls per step): not a clean exit
-    args = tiny_args(data_root, killed, 16, *extra, "--log_ckpt_every", "8")
-    sigkill_once_paused([sys.executable, "-c", PAUSING_TRAINER, "21", *args])
-    assert max(train_losses(killed)) == 10
-    checkpoint = load_checkpoint(str(killed / "checkpoints" / "latest.pt"))
-    assert checkpoint["step"] == 8
+    checkpoint = check_stateful_sigkill_resume("deltanet", run_main, tiny_args, synthetic_corpus[0], tmp_path)
     assert all(t.abs().max() > 0 for micro in checkpoint["states"][0] for layer in micro for t in layer)
-
-    assert run_main(args + ["--resume", "auto"]) == 0
-    resumed, expected = train_losses(killed), train_losses(straight)
-    assert sorted(resumed) == list(range(1, 17))
-    assert resumed == expected  # bit-identical, not approximately equal
-    end_resumed = load_checkpoint(str(killed / "checkpoints" / "latest.pt"))
-    end_straight = load_checkpoint(str(straight / "checkpoints" / "latest.pt"))
-    for micro_a, micro_b in zip(end_resumed["states"][0], end_straight["states"][0]):
-        for layer_a, layer_b in zip(micro_a, micro_b):
-            for a, b in zip(layer_a, layer_b):
-                assert torch.equal(a, b)
-    for name, weight in end_straight["model"].items():
-        assert torch.equal(end_resumed["model"][name], weight), name
 
 
 @pytest.mark.parametrize("gate", [True, False])

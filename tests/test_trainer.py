@@ -14,6 +14,7 @@ from helpers import (
     REPO_ROOT,
     exit_code,
     nano_demo_args,
+    pausing_trainer_command,
     sigkill_once_paused,
     tiny_run_args,
     train_losses,
@@ -149,26 +150,6 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(synthetic_corpus, 
     assert sorted(train_losses(run_dir)) == [1, 2, 3, 4, 5, 6]
 
 
-PAUSING_TRAINER = """
-import sys, time
-import dataclasses
-from languini.projects import load_project
-from languini.projects.gpt import model
-from languini.train_lib.train_command import run_training
-
-class PauseAtStep14(model.Model):
-    calls = 0
-    def forward(self, x, state=None):
-        PauseAtStep14.calls += 1
-        if PauseAtStep14.calls == 14:
-            print("PAUSED", flush=True)
-            time.sleep(600)
-        return super().forward(x, state)
-
-sys.exit(run_training(dataclasses.replace(load_project("gpt"), Model=PauseAtStep14), sys.argv[1:]))
-"""
-
-
 def test_resume_after_sigkill_is_bit_identical(synthetic_corpus, tmp_path):
     data_root, _ = synthetic_corpus
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -176,7 +157,7 @@ def test_resume_after_sigkill_is_bit_identical(synthetic_corpus, tmp_path):
 
     # 10 steps checkpointed, 13 logged, then killed mid-step 14: not a clean exit
     args = tiny_args(data_root, killed, 20, "--log_ckpt_every", "10")
-    sigkill_once_paused([sys.executable, "-c", PAUSING_TRAINER, *args])
+    sigkill_once_paused(pausing_trainer_command("gpt", 14, args))
     assert max(train_losses(killed)) == 13
     assert load_checkpoint(str(killed / "checkpoints" / "latest.pt"))["step"] == 10
 
