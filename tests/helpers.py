@@ -108,6 +108,13 @@ def write_bigram_corpus(data_root):
         write_file_list(str(data_root), split, rows)
 
 
+def first_and_last_losses(run_dir) -> tuple[float, float]:
+    """Mean training loss of the first three steps and of the last three steps of a run."""
+    losses = train_losses(run_dir)
+    last = max(losses)
+    return float(np.mean([losses[s] for s in (1, 2, 3)])), float(np.mean([losses[s] for s in range(last - 2, last + 1)]))
+
+
 def nano_demo_args(data_root, run_dir, *extra):
     """`nano` for 100 steps on the demo corpus with a fast schedule, validated once at the end."""
     return [

@@ -16,6 +16,7 @@ from helpers import (
     REPO_ROOT,
     check_stateful_sigkill_resume,
     exit_code,
+    first_and_last_losses,
     nano_demo_args,
     tiny_run_args,
     train_losses,
@@ -489,8 +490,7 @@ def test_loss_drops_on_learnable_corpus(tmp_path, gate):
         data_root, run_dir, 100, "--max_lr", "1e-2", "--seq_len", "16", *([] if gate else ["--no-gate"])
     )
     assert run_main(args) == 0
-    losses = train_losses(run_dir)
-    first, last = np.mean([losses[s] for s in (1, 2, 3)]), np.mean([losses[s] for s in (98, 99, 100)])
+    first, last = first_and_last_losses(run_dir)
     assert first > 5.0 and last < 0.5 * first, (first, last)
 
 
@@ -499,8 +499,7 @@ def test_nano_learns_the_demo_corpus(tmp_path, demo_data_root):
     """The nano preset on the demo corpus: loss drops clearly within 100 steps, validation included."""
     run_dir = tmp_path / "run"
     assert run_main(nano_demo_args(demo_data_root, run_dir)) == 0
-    losses = train_losses(run_dir)
-    first, last = np.mean([losses[s] for s in (1, 2, 3)]), np.mean([losses[s] for s in (98, 99, 100)])
+    first, last = first_and_last_losses(run_dir)
     assert last < first - 2.0, (first, last)
     final = read_metrics(run_dir)[-1]
     assert final["eval/loss"] < first - 1.5

@@ -13,6 +13,7 @@ import torch
 from helpers import (
     REPO_ROOT,
     exit_code,
+    first_and_last_losses,
     nano_demo_args,
     pausing_trainer_command,
     sigkill_once_paused,
@@ -91,8 +92,7 @@ def test_loss_drops_on_learnable_corpus(tmp_path):
     write_bigram_corpus(data_root)
     run_dir = tmp_path / "run"
     assert run_main(tiny_args(data_root, run_dir, 100, "--max_lr", "1e-2")) == 0
-    losses = train_losses(run_dir)
-    first, last = np.mean([losses[s] for s in (1, 2, 3)]), np.mean([losses[s] for s in (98, 99, 100)])
+    first, last = first_and_last_losses(run_dir)
     assert first > 5.0 and last < 0.5 * first, (first, last)
 
 
@@ -247,8 +247,7 @@ def test_nano_learns_the_demo_corpus(tmp_path, demo_data_root):
     """GPT nano on the demo corpus: the loss drops clearly within 100 steps, validation included."""
     run_dir = tmp_path / "run"
     assert run_main(nano_demo_args(demo_data_root, run_dir)) == 0
-    losses = train_losses(run_dir)
-    first, last = np.mean([losses[s] for s in (1, 2, 3)]), np.mean([losses[s] for s in (98, 99, 100)])
+    first, last = first_and_last_losses(run_dir)
     assert last < first - 2.0, (first, last)
     final = read_metrics(run_dir)[-1]
     assert final["eval/loss"] < first - 1.5 and final["eval/normalised_ppl"] < 20
