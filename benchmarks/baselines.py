@@ -34,8 +34,8 @@ MODELS = [
 
 def train_and_evaluate(label, project, extra, args) -> dict:
     spec = load_project(project)
-    base = ["nano", "--data_root", args.data_root, "--dataset", args.dataset, "--train_batch_size", str(args.train_batch_size),
-            "--seed", str(args.seed), "--device", "cpu", *extra]  # fmt: skip
+    base = ["nano", "--data_root", args.data_root, "--dataset", args.dataset,
+            "--train_batch_size", str(args.train_batch_size), "--seed", str(args.seed), "--device", "cpu", *extra]  # fmt: skip
     cfg = spec.parse_config(base, "baselines")
     per_token = count_step_flops(project, cfg).forward_backward_per_token
     steps = steps_for_flops(args.flops, per_token, cfg.train_batch_size, cfg.seq_len)
