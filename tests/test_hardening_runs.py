@@ -176,6 +176,60 @@ def test_overwrite_removes_the_runs_files_and_keeps_the_users(synthetic_corpus, 
     assert sorted(train_losses(run_dir)) == [1, 2, 3] and (run_dir / LOCK_FILE).exists()
 
 
+def test_files_named_like_a_runs_that_no_run_wrote_are_never_replaced(synthetic_corpus, tmp_path, capsys):
+    """Threat: `--overwrite` on the user's own folder replacing their config.json and command.txt."""
+    data_root, _ = synthetic_corpus
+    mine = tmp_path / "myproject"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"my": "settings"}')
+    (mine / "command.txt").write_text("make all\n")
+    before = file_bytes(mine, "config.json", "command.txt")
+    for flags in ((), ("--overwrite",), ("--resume", "auto")):
+        assert run_main(tiny_args(data_root, mine, 2, *flags)) == 2
+        err = one_error_line(capsys)
+        assert "config.json, command.txt" in err and "no run wrote" in err, err
+        assert file_bytes(mine, *before) == before and not (mine / "checkpoints").exists()
+
+
+def test_symlinked_checkpoints_folder_is_refused(run, tmp_path, capsys):
+    """Threat: a run folder whose checkpoints/ links to another run's: --overwrite deleted that run's
+    checkpoint and the new run wrote through the link (the lock covers one folder only)."""
+    data_root, other = run
+    before = (other / "checkpoints" / "latest.pt").read_bytes()
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    os.symlink(other / "checkpoints", linked / "checkpoints")
+    for flags in ((), ("--overwrite",), ("--resume", "auto")):
+        assert run_main(tiny_args(data_root, linked, 1, *flags)) == 2
+        assert "checkpoints is a symbolic link" in one_error_line(capsys)
+    assert (other / "checkpoints" / "latest.pt").read_bytes() == before
+
+
+def test_exp_name_must_be_a_folder_name(synthetic_corpus, tmp_path, capsys, monkeypatch):
+    """Threat: `--exp_name ../../x` (or an absolute path) writing, and with --overwrite deleting, outside runs/."""
+    data_root, _ = synthetic_corpus
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for name in ("../../escaped", str(tmp_path / "abs"), "..", "a/b"):
+        args = [a for a in tiny_args(data_root, "unused", 1) if a not in ("--run_dir", "unused")]
+        assert run_main([*args, "--exp_name", name]) == 2
+        assert "--exp_name must be a folder name" in one_error_line(capsys)
+    assert os.listdir(work) == [] and not (tmp_path / "escaped").exists() and not (tmp_path / "abs").exists()
+
+
+def test_hard_link_as_lock_file_is_refused_and_its_target_kept(run, tmp_path, capsys):
+    """Threat: a hard link planted as .languini.lock: taking the lock truncates the file it names."""
+    data_root, run_dir = run
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    os.unlink(run_dir / LOCK_FILE)
+    os.link(precious, run_dir / LOCK_FILE)
+    assert run_main(tiny_args(data_root, run_dir, 3, "--resume", "auto")) == 2
+    assert "not a lock file" in one_error_line(capsys)
+    assert precious.read_text() == "keep me"
+
+
 # ---- 3. --resume auto never starts over a run silently --------------------------------------------------
 
 
@@ -194,6 +248,31 @@ def test_resume_auto_without_a_checkpoint_refuses_and_changes_nothing(run, tmp_p
     (fresh / LOCK_FILE).write_text("")  # a lock file left by an earlier attempt is not a run
     assert run_main(tiny_args(data_root, fresh, 2, "--resume", "auto")) == 0
     assert sorted(train_losses(fresh)) == [1, 2]
+
+
+def test_resume_auto_starts_again_a_run_stopped_while_starting_up(run, capsys):
+    """Threat: a scheduler's SIGTERM during start-up (run files written, no metrics, no checkpoint) leaving a
+    folder the same requeued command refuses."""
+    data_root, run_dir = run
+    os.unlink(run_dir / "checkpoints" / "latest.pt")
+    os.unlink(run_dir / "metrics.jsonl")
+    (run_dir / "NOTES.md").write_text("mine")
+    assert run_main(tiny_args(data_root, run_dir, 3, "--resume", "auto")) == 0
+    assert sorted(train_losses(run_dir)) == [1, 2, 3] and (run_dir / "NOTES.md").read_text() == "mine"
+    env = json.loads((run_dir / "env.json").read_text())
+    assert "resumes" not in env  # a fresh start, not a resume
+
+
+def test_resume_with_a_damaged_env_record_gives_one_line_and_a_missing_command_file_is_rewritten(run, capsys):
+    data_root, run_dir = run
+    env = (run_dir / "env.json").read_text()
+    (run_dir / "env.json").write_text("[1, 2]")
+    assert run_main(tiny_args(data_root, run_dir, 3, "--resume", "auto")) == 2
+    assert "env.json is damaged" in one_error_line(capsys)
+    (run_dir / "env.json").write_text(env)
+    os.unlink(run_dir / "command.txt")
+    assert run_main(tiny_args(data_root, run_dir, 3, "--resume", "auto")) == 0
+    assert len((run_dir / "command.txt").read_text().splitlines()) == 1
 
 
 # ---- 4. one training per run folder --------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Atomic file writes: write to a temporary file in the same folder, fsync, then rename.
+"""Atomic file writes: write to a temporary file in the same folder, fsync, rename, fsync the folder.
 
 A crash leaves either the old file or the new one, never a half-written file that looks complete.
 """
@@ -36,6 +36,18 @@ def atomic_open(path, mode="wb"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: str):
+    """Make the rename itself durable (a power loss after it must not bring the old file back); file systems
+    that cannot fsync a folder are left as they are."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_write_bytes(path, data: bytes):

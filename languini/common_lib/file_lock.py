@@ -21,6 +21,7 @@ import json
 import os
 import shlex
 import socket
+import stat
 import sys
 
 from languini.common_lib.errors import UserError
@@ -55,14 +56,20 @@ def _describe_holder(fd: int) -> str:
 
 
 def _open_lock_file(folder: str) -> int:
-    """Open (creating it if needed) the folder's lock file; never follow a symlink planted in its place."""
+    """Open (creating it if needed) the folder's lock file; never follow a symlink planted in its place,
+    nor write into a hard link or a special file (the holder's record truncates the file)."""
     path = os.path.join(folder, LOCK_FILE)
     try:
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o666)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise UserError(f"{path} is a symbolic link, not a lock file; remove it") from None
         raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:  # a hard link's other name would be truncated
+        os.close(fd)
+        raise UserError(f"{path} is not a lock file (a special file or one with other names); remove it")
+    return fd
 
 
 @contextlib.contextmanager

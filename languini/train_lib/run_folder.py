@@ -9,6 +9,7 @@ files a run writes, by name; files the user put in the folder (even inside check
 stay. The caller holds the folder's lock (`.languini.lock`, common_lib/file_lock.py) while it claims it.
 """
 
+import contextlib
 import datetime
 import io
 import json
@@ -72,36 +73,88 @@ def checkpoint_path(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints", CHECKPOINT_NAME)
 
 
+def _json_object(path: str) -> dict | None:
+    """The JSON object in `path`, or None when it is missing, unreadable or not an object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# What marks config.json and env.json as a run's own (a user's file of the same name lacks these keys).
+CONFIG_SIGNATURE = {"project", "dataset", "seq_len", "seed", "max_train_steps"}
+ENV_SIGNATURE = {"git_revision", "torch_version", "start_time", "command"}
+
+
 def holds_run(run_dir: str) -> bool:
-    """True when `run_dir` holds a run's files (its lock file or an empty checkpoints/ alone are not a run)."""
-    return os.path.isfile(checkpoint_path(run_dir)) or any(
-        os.path.lexists(os.path.join(run_dir, name)) for name in RUN_FILES
+    """True when a run wrote into `run_dir`: its checkpoint, or a config.json / env.json with a run's keys.
+
+    The lock file, an empty checkpoints/ or files that merely share a run file's name are not a run.
+    """
+    config = _json_object(os.path.join(run_dir, "config.json")) or {}
+    env = _json_object(os.path.join(run_dir, "env.json")) or {}
+    return (
+        os.path.isfile(checkpoint_path(run_dir)) or CONFIG_SIGNATURE <= set(config) or ENV_SIGNATURE <= set(env)
     )
+
+
+def _has_metrics(run_dir: str) -> bool:
+    """True when the run logged at least one metrics record (it trained, or validated, for a while)."""
+    try:
+        return os.path.getsize(os.path.join(run_dir, "metrics.jsonl")) > 0
+    except OSError:
+        return False
+
+
+def _check_run_dirs(run_dir: str):
+    """Refuse symlinked checkpoints/, eval/, ... : the lock covers this folder only, so a link would let two
+    runs write (and `--overwrite` delete) one checkpoint."""
+    for name in RUN_DIRS:
+        path = os.path.join(run_dir, name)
+        if os.path.islink(path):
+            raise UserError(
+                f"{path} is a symbolic link; a run writes only into its own folder: make it a real folder, "
+                "or point --run_dir at the folder you want the run in"
+            )
 
 
 def claim_run_dir(run_dir: str, resume: str, overwrite: bool) -> bool:
     """Make `run_dir` ready for this run; returns True when a checkpoint there should be resumed.
 
     Called on the main process only, with the folder's lock held. Refuses (UserError, nothing changed) a
-    folder holding a run unless `--resume auto` finds its checkpoint or `--overwrite` replaces it.
+    folder holding a run unless `--resume auto` finds its checkpoint or `--overwrite` replaces it. A run
+    stopped while it started up (no checkpoint, no metrics yet) is started again by `--resume auto`, so a
+    scheduler can requeue the same command. Files that share a run file's name but no run wrote are never
+    replaced, not even with `--overwrite`.
     """
     if resume not in ("", "auto"):
         raise UserError(f"--resume takes 'auto' (continue the run in its folder), got '{resume}'")
+    _check_run_dirs(run_dir)
     if resume == "auto" and os.path.isfile(checkpoint_path(run_dir)):
         remove_stale_temp_files(run_dir)
         return True
     if holds_run(run_dir):
-        if not overwrite and resume == "auto":  # stopped before its first checkpoint: nothing to continue
+        started_up_only = resume == "auto" and not _has_metrics(run_dir)
+        if not overwrite and resume == "auto" and not started_up_only:  # trained, but wrote no checkpoint
             raise UserError(
                 f"{run_dir} holds a run without a checkpoint (it stopped before writing one): pass --overwrite "
                 "to start it again, or another --run_dir"
             )
-        if not overwrite:
+        if not overwrite and not started_up_only:
             raise UserError(
                 f"{run_dir} already holds a run; pass --resume auto to continue it, --overwrite to replace it, "
                 "or choose another --exp_name / --run_dir"
             )
         remove_run_files(run_dir)
+    else:
+        foreign = [name for name in RUN_FILES if os.path.lexists(os.path.join(run_dir, name))]
+        if foreign:
+            raise UserError(
+                f"{run_dir} holds {', '.join(foreign)} that no run wrote; a run would replace them, so move them "
+                "or choose another --exp_name / --run_dir"
+            )
     remove_stale_temp_files(run_dir)
     os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
     return False
@@ -116,12 +169,7 @@ def _unlink(path: str, removed: list[str]):
 
 def _is_eval_result(path: str) -> bool:
     """An eval/<split>.json that eval.py wrote (it names its split, protocol and checkpoint)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and {"split", "protocol", "checkpoint_step"} <= set(data)
+    return {"split", "protocol", "checkpoint_step"} <= set(_json_object(path) or {})
 
 
 def _wandb_run_names(run_dir: str) -> re.Pattern | None:
@@ -301,17 +349,21 @@ def source_zip() -> bytes:
 
 
 def write_run_files(run_dir: str, cfg, env: dict, resumed: bool):
-    """config.json, env.json, command.txt and source.zip; a resume appends to env.json's `resumes`."""
+    """config.json, env.json, command.txt and source.zip; a resume appends to env.json's `resumes` and to
+    command.txt (a damaged env.json is refused: it records where and how the run started)."""
     save_config(cfg, os.path.join(run_dir, "config.json"))
     env_path = os.path.join(run_dir, "env.json")
+    command_path = os.path.join(run_dir, "command.txt")
     command = env["command"] + "\n"
-    if resumed and os.path.isfile(env_path):
-        with open(env_path) as f:
-            first = json.load(f)
+    if resumed and os.path.lexists(env_path):
+        first = _json_object(env_path)
+        if first is None or not isinstance(first.get("resumes", []), list):
+            raise UserError(f"{env_path} is damaged (not a run's environment record); restore it to resume this run")
         first.setdefault("resumes", []).append(env)
         env = first
-        with open(os.path.join(run_dir, "command.txt")) as f:
-            command = f.read() + command
+        with contextlib.suppress(FileNotFoundError):
+            with open(command_path, encoding="utf-8", errors="replace") as f:
+                command = f.read() + command
     atomic_write_json(env_path, env)
-    atomic_write_text(os.path.join(run_dir, "command.txt"), command)
+    atomic_write_text(command_path, command)
     atomic_write_bytes(os.path.join(run_dir, "source.zip"), source_zip())
