@@ -16,6 +16,7 @@ import os
 import sys
 import time
 
+from languini.common_lib.atomic_io import atomic_write_text
 from languini.projects import load_project
 from languini.tools.compute_classes import steps_for_flops
 from languini.tools.flops import count_step_flops, param_counts
@@ -105,8 +106,7 @@ def main(argv=None):
     print(table)
     print(json.dumps({"flops": args.flops, "seed": args.seed, "rows": rows}, indent=2))
     if args.doc:
-        with open(args.doc, "w") as f:
-            f.write(table)
+        atomic_write_text(args.doc, table)
     return 0
 
 

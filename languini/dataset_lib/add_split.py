@@ -24,7 +24,6 @@ import glob
 import hashlib
 import json
 import os
-import re
 import shutil
 import sys
 
@@ -39,6 +38,7 @@ from languini.dataset_lib.integrity_test import file_sizes, integrity_hash
 from languini.dataset_lib.layout import (
     SPLIT_ALIASES,
     add_split_marker,
+    check_safe_name,
     data_root_of,
     open_token_file,
     read_books,
@@ -63,7 +63,6 @@ from languini.dataset_lib.tokenise_books import tokenise_books
 from languini.dataset_lib.tokenizer_model import load_processor
 from languini.dataset_lib.verify import compare_manifests
 
-NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 # `all` means every split to eval.py; the others name (or alias) the splits prepare makes.
 RESERVED_NAMES = tuple(dict.fromkeys(("train", "test", "iid", "all", *SPLIT_ALIASES)))
 
@@ -79,9 +78,7 @@ class AddSplitOptions:
 
 def check_split_name(name: str):
     """A new split's name must be a safe identifier and not one of the names prepare's splits use."""
-    if not NAME_PATTERN.fullmatch(name):
-        raise UserError(f"split name {name!r} is not a safe identifier: use a letter, then letters, digits or _ "
-                        f"(at most 64 characters)")
+    check_safe_name(name, "split name")
     if name in RESERVED_NAMES:
         raise UserError(f"split name '{name}' is reserved ({', '.join(RESERVED_NAMES)}); choose another --name")
 

@@ -7,7 +7,7 @@ import sys
 from languini.common_lib.errors import UserError, exit_on_user_error
 from languini.dataset_lib.add_split import AddSplitOptions, add_split, open_source
 from languini.dataset_lib.integrity_test import hashed_folder
-from languini.dataset_lib.layout import read_meta, unfinished_splits
+from languini.dataset_lib.layout import check_safe_name, read_meta, unfinished_splits
 from languini.dataset_lib.prepare import (
     PrepareOptions,
     added_splits,
@@ -36,7 +36,8 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 def _common(parser: argparse.ArgumentParser, out: str | None, vocab: int | None):
     parser.add_argument("--out", default=out, help=f"corpus folder for the file lists and datasets "
                         f"(default {out or 'data/<name of PATH>'})")
-    parser.add_argument("--name", help="corpus name; the dataset is <out>/<name>_<vocab> (default: --out's name)")
+    parser.add_argument("--name", help="corpus name (a letter, then letters, digits or _); the dataset is "
+                        "<out>/<name>_<vocab> (default: --out's name)")
     parser.add_argument("--vocab-size", type=int, help=f"SentencePiece vocabulary (default {vocab}, or the --tokenizer's)")
     parser.set_defaults(default_vocab=vocab)
     parser.add_argument("--tokenizer", help="reuse this SentencePiece model instead of training one")
@@ -121,6 +122,8 @@ def _open_source(args):
 def run_prepare(args) -> int:
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1 (got {args.workers})")
+    if args.name is not None:  # the dataset folder <out>/<name>_<vocab> must stay inside --out
+        check_safe_name(args.name, "--name")
     vocab = args.vocab_size if args.vocab_size is not None or args.tokenizer else args.default_vocab
     out = args.out or os.path.join("data", folder.corpus_name(args.path))
     options = PrepareOptions(

@@ -67,16 +67,18 @@ def _open_book(dataset_path: str, rel_path: str, expected: int, vocab_size: int 
 def read_split_tokens(data_path: str, split: str, vocab_size: int | None = None) -> np.ndarray:
     """The whole split as one int64 stream (books in list order, `<D>` after every book), for the final eval.
 
-    Token ids are checked against `vocab_size` (default: the one in meta.json, if any).
+    Token ids are checked against `vocab_size` (default: the one in meta.json, if any). Every book is opened
+    and checked against its file list count before the stream is allocated, so a count that no token file
+    holds (a damaged or crafted list) is named in one line instead of asking for that much memory.
     """
     vocab_size = vocab_size or dataset_vocab(data_path)
-    rows = read_books(data_path, split)
-    out = np.empty(sum(n for _, n in rows) + len(rows), dtype=np.int64)
+    books = [_open_book(data_path, rel, n, vocab_size) for rel, n in read_books(data_path, split)]
+    out = np.empty(sum(len(b) for b in books) + len(books), dtype=np.int64)
     pos = 0
-    for rel, n in rows:
-        out[pos : pos + n] = _open_book(data_path, rel, n, vocab_size)
-        out[pos + n] = END_OF_DOC
-        pos += n + 1
+    for tokens in books:
+        out[pos : pos + len(tokens)] = tokens
+        out[pos + len(tokens)] = END_OF_DOC
+        pos += len(tokens) + 1
     return out
 
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 
 import numpy as np
 
@@ -25,6 +26,20 @@ PAD = 0
 
 # The original's short split names stay valid.
 SPLIT_ALIASES = {"test": "iid", "stats": "statistics", "wood": "woodworking"}
+# A name that becomes part of a file or folder name (a split, a corpus): no separator, `..` or odd character.
+SAFE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+
+
+def is_safe_name(name) -> bool:
+    """True for a letter, then letters, digits or `_` (at most 64 characters)."""
+    return isinstance(name, str) and SAFE_NAME.fullmatch(name) is not None
+
+
+def check_safe_name(name, what: str):
+    """Refuse a name (from a flag, a config or a shared bundle) that could lead a file path elsewhere."""
+    if not is_safe_name(name):
+        raise UserError(f"{what} {name!r} is not a safe identifier: use a letter, then letters, digits or _ "
+                        f"(at most 64 characters)")
 
 
 def token_dtype(vocab_size: int):
@@ -32,21 +47,26 @@ def token_dtype(vocab_size: int):
 
 
 def split_list_name(split: str) -> str:
-    """`train` -> file_list_train.npy, `test` -> file_list_test_iid.npy, `x` -> file_list_test_x.npy."""
+    """`train` -> file_list_train.npy, `test` -> file_list_test_iid.npy, `x` -> file_list_test_x.npy.
+
+    Refuses a split name that is not a safe identifier: the file name must stay in its folder."""
+    check_safe_name(split, "split name")
     if split == "train":
         return "file_list_train.npy"
     return f"file_list_test_{SPLIT_ALIASES.get(split, split)}.npy"
 
 
 def list_splits(data_root: str) -> list[str]:
-    """Split names present under data_root: `train`, `test` (iid), then the others by name."""
+    """Split names present under data_root: `train`, `test` (iid), then the others by name.
+
+    A file list whose name is not a safe identifier (`file_list_test_a b.npy`) names no split."""
     names = []
     for path in sorted(glob.glob(os.path.join(data_root, "file_list_*.npy"))):
         stem = os.path.basename(path)[len("file_list_") : -len(".npy")]
+        rest = stem[len("test_") :] if stem.startswith("test_") else None
         if stem == "train":
             names.append("train")
-        elif stem.startswith("test_"):
-            rest = stem[len("test_") :]
+        elif is_safe_name(rest):
             names.append("test" if rest == "iid" else rest)
     return sorted(names, key=lambda n: (n != "train", n != "test", n))
 
@@ -246,10 +266,15 @@ def unfinished_splits(dataset_path: str) -> list[str]:
 
 
 def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+        return sha256_stream(f)
+
+
+def sha256_stream(f) -> str:
+    """SHA-256 of what is left to read in a binary file object, read in blocks of 1 MiB."""
+    digest = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
     return digest.hexdigest()
 
 

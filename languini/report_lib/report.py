@@ -11,14 +11,18 @@ eval_streams, max_tokens), and when a law rests on two points only.
 
 import argparse
 import datetime
+import hashlib
 import itertools
+import json
 import os
+import re
 import sys
 
 import numpy as np
 
 from languini.common_lib.atomic_io import atomic_write_json, atomic_write_text
 from languini.common_lib.errors import UserError, exit_on_user_error
+from languini.dataset_lib.layout import is_safe_name, path_inside
 from languini.report_lib.plots import EXTRAPOLATE_LIMIT, X_LABELS, plot_learning_curves, plot_scaling
 from languini.report_lib.runs import Run, eval_setting, load_runs, setting_label
 from languini.report_lib.scaling import crossing, fit_power_law
@@ -179,9 +183,19 @@ def two_point_warnings(points, laws) -> list[str]:
     ]  # fmt: skip
 
 
-def scaling_file(dataset, datasets: list) -> str:
-    """scaling.png for a report of one dataset, scaling_<dataset>.png per dataset otherwise."""
-    return SCALING if len(datasets) <= 1 else f"scaling_{dataset}.png"
+def scaling_file(dataset: str | None, datasets: list) -> str:
+    """scaling.png for a report of one dataset, scaling_<dataset>.png per dataset otherwise.
+
+    The name comes from a run's (or a shared bundle's) config: one that is not a safe identifier becomes
+    its letters, digits and `_` plus `-` and a hash of the whole name (no safe name holds a `-`), so it
+    names a file in the report folder and no two datasets share one."""
+    if len(datasets) <= 1:
+        return SCALING
+    if is_safe_name(dataset):
+        return f"scaling_{dataset}.png"
+    readable = re.sub(r"[^A-Za-z0-9_]+", "_", str(dataset)).strip("_")[:40]
+    digest = hashlib.sha256(json.dumps(dataset).encode()).hexdigest()[:16]
+    return f"scaling_{readable}-{digest}.png"
 
 
 def compute_label(hours: float | None) -> str:
@@ -329,7 +343,8 @@ def build_report(runs: list[Run], out_dir: str, split: str = "test", x: str = "a
                 beyond.append(f"{p} and {q} cross at {c[0]:.3g} (extrapolated far beyond the plotted range)")
         files[dataset] = scaling_file(dataset, datasets)
         plot_scaling(
-            mine, {p: law for p, law in laws.items() if p in mine}, marks, os.path.join(out_dir, files[dataset]),
+            mine, {p: law for p, law in laws.items() if p in mine}, marks,
+            path_inside(out_dir, files[dataset], "scaling plot"),
             x_label=X_LABELS[x], y_label=f"normalised perplexity ({split})", note=note,
             title=f"normalised perplexity on '{split}' of {dataset} against compute", beyond=beyond,
         )  # fmt: skip

@@ -109,7 +109,9 @@ class Run:
 
     @property
     def dataset(self) -> str | None:
-        return self.config.get("dataset")
+        """The config's dataset name; a value that is not a string (a damaged or crafted config) as text."""
+        value = self.config.get("dataset")
+        return None if value is None else str(value)
 
     @property
     def vocab_size(self) -> int | None:

@@ -25,7 +25,7 @@ from languini.projects import load_project
 from languini.tools.flops import count_step_flops, param_counts
 from languini.train_lib import bundle
 from languini.train_lib.checkpoint import load_model_weights
-from languini.train_lib.run_folder import CHECKPOINT_NAME
+from languini.train_lib.run_folder import CHECKPOINT_NAME, read_corpus
 
 RECORDS = ("config.json", "metrics.jsonl", "env.json", "command.txt", "source.zip", bundle.CORPUS)
 
@@ -38,10 +38,11 @@ def meta_model(config: dict) -> torch.nn.Module:
 
 
 def _corpus(run_dir: str, cfg) -> dict | None:
-    path = os.path.join(run_dir, bundle.CORPUS)
-    if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
+    """The corpus identity the run recorded (a damaged corpus.json is refused in one line naming it), else
+    that of its dataset as it is now, else None."""
+    recorded = read_corpus(run_dir)
+    if recorded is not None:
+        return recorded
     dataset = os.path.join(cfg.data_root, cfg.dataset)
     with contextlib.suppress(UserError, OSError):
         return corpus_identity(dataset)
@@ -103,8 +104,9 @@ def export_run(run_dir: str, out: str, archive: bool = False) -> str:
     """Write the bundle of `run_dir` to the new folder `out` (assembled aside, then renamed into place)."""
     if not os.path.isfile(os.path.join(run_dir, "config.json")):
         raise UserError(f"no run at {run_dir} (no config.json)")
-    if os.path.lexists(out):
-        raise UserError(f"{out} already exists; choose a new --out (nothing was overwritten)")
+    for path in [out] + ([archive_path(out)] if archive else []):
+        if os.path.lexists(path):
+            raise UserError(f"{path} already exists; choose a new --out (nothing was overwritten)")
     config = bundle.read_config_dict(run_dir)
     spec = load_project(config["project"])
     cfg = spec.load_run_config(os.path.join(run_dir, "config.json"))
@@ -150,9 +152,33 @@ def export_run(run_dir: str, out: str, archive: bool = False) -> str:
         shutil.rmtree(work, ignore_errors=True)
         raise
     if archive:
-        with atomic_open(out.rstrip("/") + ".tar.gz") as f, tarfile.open(fileobj=f, mode="w:gz") as tar:
-            tar.add(out, arcname=os.path.basename(os.path.normpath(out)))
+        write_archive(out, archive_path(out))
     return out
+
+
+def archive_path(out: str) -> str:
+    """Where `--archive` writes the bundle folder `out` as one file: OUT.tar.gz."""
+    return out.rstrip("/") + ".tar.gz"
+
+
+def write_archive(folder: str, target: str):
+    """Write `folder` as the new file `target` (.tar.gz), never replacing a file already there.
+
+    The archive is written completely in a private temporary folder beside `target`, then hard-linked into
+    place: a crash leaves no half-written archive, and a file created at `target` meanwhile makes the link
+    fail instead of being overwritten."""
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", dir=os.path.dirname(os.path.abspath(target)))
+    try:
+        staged = os.path.join(staging, os.path.basename(target))
+        with atomic_open(staged) as f, tarfile.open(fileobj=f, mode="w:gz") as tar:
+            tar.add(folder, arcname=os.path.basename(os.path.normpath(folder)))
+        os.link(staged, target)
+    except FileExistsError:
+        raise UserError(f"{target} appeared while the archive was written; it was left as it is") from None
+    except OSError as e:
+        raise UserError(f"cannot write {target}: {e.strerror}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _extract_archive(path: str, into: str) -> str:
@@ -201,7 +227,7 @@ def export_main(argv=None):
     args = parser.parse_args(argv)
     out = export_run(args.run_dir, args.out, args.archive)
     evals = bundle.read_eval_results(out)
-    print(f"wrote bundle {out}" + (f" and {out.rstrip('/')}.tar.gz" if args.archive else ""))
+    print(f"wrote bundle {out}" + (f" and {archive_path(out)}" if args.archive else ""))
     if not evals:
         print("note: the run has no final evaluation (eval/ is empty); its README says so", file=sys.stderr)
     print(f"check it with: languini verify-bundle {out}")

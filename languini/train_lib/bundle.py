@@ -16,11 +16,12 @@ line per problem; `load_bundle` verifies first, then returns the config and weig
 
 import json
 import os
+import stat
 
 import torch
 
 from languini.common_lib.errors import UserError
-from languini.dataset_lib.layout import sha256_file
+from languini.dataset_lib.layout import is_safe_name, sha256_file, sha256_stream
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "MANIFEST.sha256"
@@ -61,16 +62,36 @@ def _read_manifest(folder: str, problems: list[str]) -> dict[str, str]:
     return entries
 
 
+def _special_kind(path: str) -> str | None:
+    """What `path` itself is when it is not a plain file (a link is not followed); None for a plain file."""
+    mode = os.lstat(path).st_mode
+    if stat.S_ISREG(mode):
+        return None
+    return "a symbolic link" if stat.S_ISLNK(mode) else "a special file (pipe, socket or device)"
+
+
+def _plain_sha256(path: str) -> str | None:
+    """SHA-256 of the plain file `path`, opened without following a link or waiting on a pipe; None when it
+    cannot be opened or is no longer a plain file once opened (swapped after it was checked)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return sha256_stream(f) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+
+
 def _check_files(folder: str, problems: list[str]):
     manifest = _read_manifest(folder, problems)
     present = bundle_files(folder)
     for rel in present:
         full = os.path.join(folder, rel)
-        if os.path.islink(full):
-            problems.append(f"{rel} is a symbolic link (a bundle holds plain files only)")
+        kind = _special_kind(full)
+        if kind:
+            problems.append(f"{rel} is {kind} (a bundle holds plain files only)")
         elif rel not in manifest:
             problems.append(f"{rel} is not in {MANIFEST} (an added file)")
-        elif sha256_file(full) != manifest[rel]:
+        elif _plain_sha256(full) != manifest[rel]:
             problems.append(f"{rel} does not match its hash in {MANIFEST} (changed or damaged)")
     for rel in sorted(set(manifest) - set(present)):
         problems.append(f"{rel} is listed in {MANIFEST} but missing")
@@ -138,6 +159,9 @@ def verify_bundle(folder: str, build_model) -> list[str]:
         model = build_model(config)
     except UserError as e:
         return [str(e)]
+    split = config.get("eval_data_split", "test")
+    if not is_safe_name(split):  # eval.py names its result file after it
+        problems.append(f"{CONFIG}: eval_data_split {split!r} is not a safe identifier")
     expected = model.state_dict()
     problems += [f"{WEIGHTS} lacks {k}" for k in expected if k not in weights]
     problems += [f"{WEIGHTS} has {k}, which the model does not" for k in weights if k not in expected]

@@ -106,7 +106,9 @@ def _locate(own: dict) -> tuple[str, str, str]:
 
 def _splits(dataset_path: str, data_root: str, requested: str) -> list[str]:
     """The splits to score; unknown names raise the layout's error (which lists the present splits), and a
-    split without tokens is named."""
+    split without tokens is named. The name (from a flag, a run's config or a shared bundle's) must be a safe
+    identifier: it names the file list read and the result file written."""
+    layout.check_safe_name(requested, "eval_data_split")
     if requested == "all":
         splits = layout.test_splits(data_root)
         if not splits:
@@ -120,6 +122,11 @@ def _splits(dataset_path: str, data_root: str, requested: str) -> list[str]:
                 f"{os.path.join(data_root, layout.split_list_name(split))} names no tokens): nothing to score"
             )
     return splits
+
+
+def _result_path(out_dir: str, split: str) -> str:
+    """`out_dir/eval/<split>.json`, refused if it would lead out of `out_dir/eval` (a crafted split name)."""
+    return layout.path_inside(os.path.join(out_dir, "eval"), f"{split}.json", "eval result")
 
 
 def _load_bundle(spec: ProjectSpec, cfg, folder: str, device) -> tuple[torch.nn.Module, int | None, dict | None]:
@@ -287,7 +294,7 @@ def run_eval(spec: ProjectSpec, argv) -> int:
                 "seconds": round(time.time() - started, 3), "other_corpus": other_corpus, "corpus": identity,
             }  # fmt: skip
             if world.is_main:
-                atomic_write_json(os.path.join(out_dir, "eval", f"{split}.json"), result)
+                atomic_write_json(_result_path(out_dir, split), result)
             rows.append(result)
     finally:
         shutdown_distributed()
