@@ -78,3 +78,19 @@ def test_max_train_steps_alone_sets_the_decay_too():
 def test_a_boolean_given_a_value_says_how_switches_work():
     with pytest.raises(UserError, match="write --progress_bar or --no-progress_bar"):
         parse(["nano", "--progress_bar", "False"])
+
+
+def test_a_run_of_another_project_is_named_before_its_unknown_fields(tmp_path):
+    """An LSTM run's config has fields GPT lacks; the message must say whose run it is, not list the fields."""
+    path = tmp_path / "config.json"
+    save_config(load_project("lstm").preset_config("nano"), path)
+    with pytest.raises(UserError, match="is a run of project 'lstm', not 'gpt'.*projects/lstm/eval.py"):
+        load_project("gpt").load_run_config(str(path))
+    path.write_text('{"project": "gpt", ')
+    with pytest.raises(UserError, match="is not a readable config"):
+        load_project("gpt").load_run_config(str(path))
+
+
+def test_a_switch_given_a_value_is_refused_in_its_own_words():
+    with pytest.raises(UserError, match="--no-progress_bar takes no value"):
+        parse_config(gpt_configs.Config, gpt_configs.PRESETS, ["--no-progress_bar=1"], "main.py")

@@ -49,6 +49,23 @@ def test_bad_setting_fails_before_the_run_folder_exists(synthetic_corpus, tmp_pa
     assert run(main, data_root, run_dir, "--max_train_steps", "1", "--eval_every", "0") == 0  # the fix runs
 
 
+def test_a_negative_step_count_is_named_as_typed(synthetic_corpus, tmp_path, capsys):
+    """--max_train_steps alone also sets --decay_steps; the error must name the flag the user typed."""
+    data_root, _ = synthetic_corpus
+    assert run(gpt_main, data_root, tmp_path / "run", "--max_train_steps", "-5") == 2
+    assert capsys.readouterr().err.strip() == "error: --max_train_steps must be at least 1, got -5"
+
+
+def test_a_warm_up_as_long_as_the_schedule_is_warned_about(synthetic_corpus, tmp_path, capsys):
+    data_root, _ = synthetic_corpus
+    assert run(gpt_main, data_root, tmp_path / "run", "--max_train_steps", "2", "--eval_every", "0") == 0
+    err = capsys.readouterr().err
+    assert "warning: --warmup_steps 100 is not below --decay_steps 2" in err and "never reaches --max_lr" in err
+    flags = ("--max_train_steps", "2", "--warmup_steps", "1", "--eval_every", "0", "--overwrite")
+    assert run(gpt_main, data_root, tmp_path / "run", *flags) == 0
+    assert "warmup" not in capsys.readouterr().err
+
+
 def test_weights_that_become_nan_are_never_checkpointed(synthetic_corpus, tmp_path, monkeypatch, capsys):
     """The loss is computed before its update, so a finite loss can hide NaN weights: check them too."""
     data_root, _ = synthetic_corpus

@@ -81,7 +81,16 @@ def test_calibrate_scales_the_reference_by_the_measured_ratio(monkeypatch, capsy
         (["gpt", "XL", "--hours", "6"], "no published RTX 3090 throughput"),
         (["gpt", "small", "--h_dim", "666"], "modified h_dim"),
         (["gpt", "small", "--hours", "x"], "--hours expects float"),
-        (["gpt", "small", "--hours", "-1"], "--hours and --flops must be positive"),
+        (["gpt", "small", "--hours", "-1"], "--hours must be a finite number > 0, got -1.0"),
+        (["gpt", "small", "--hours", "inf"], "--hours must be a finite number > 0, got inf"),
+        (["gpt", "small", "--flops", "nan"], "--flops must be a finite number > 0, got nan"),
+        (["gpt", "small", "--hours", "0"], "--hours must be a finite number > 0"),
+        (["gpt", "small", "--hours", "6", "--tokens_per_second", "-5"], "--tokens_per_second must be a finite"),
+        (["gpt", "small", "--hours", "6", "--flops", "1e18"], "pass --hours or --flops, not both"),
+        (["gpt", "small", "--hours", "1e300"], "too large a budget"),
+        (["gpt", "small", "--flops", "1e3"], "less than one training step"),
+        (["gpt", "small", "--hour", "6"], "did you mean '--hours'?"),
+        (["gpt", "nano", "--flops", "1e12", "--seq_len", "-1"], "--seq_len must be at least 1"),
         (["gpt", "small", "--hours", "6", "--throughput_json", __file__], "cannot read"),
     ],
 )
@@ -113,3 +122,10 @@ def test_throughput_json_of_another_config_is_refused(tmp_path, capsys):
         steps.main(["gpt", "small", "--hours", "6", "--throughput_json", str(path)])
     assert exit_info.value.code == 2
     assert "measured another config: preset nano (not small), seq_len 128 (not 512)" in capsys.readouterr().err
+
+
+def test_suggested_flags_repeat_the_config_the_steps_hold_for(capsys):
+    """The steps of a FLOP budget depend on the batch: the printed flags must carry the batch given."""
+    assert steps.main(["gpt", "nano", "--flops", "3e11", "--train_batch_size", "8"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("--max_train_steps ") and last.endswith(" --train_batch_size 8"), last

@@ -65,10 +65,21 @@ def test_gpu_sweep_without_cuda_says_so(capsys):
     assert exit_info.value.code == 2 and "no CUDA device is available" in capsys.readouterr().err
 
 
-def test_cpu_sweep_needs_a_memory_budget(capsys):
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ([], "--memory_budget_gb G must be a finite number > 0, got 0.0"),
+        (["--memory_budget_gb", "-1"], "got -1.0"),
+        (["--memory_budget_gb", "4", "--start_batch_size", "0"], "need 1 <= --start_batch_size <= --max_batch_size"),
+        (["--memory_budget_gb", "4", "--start_batch_size", "8", "--max_batch_size", "2"], "got 8, 2"),
+        (["--memory_budget_gb", "4", "--warmup", "-5"], "--warmup >= -1"),
+    ],
+)
+def test_cpu_sweep_refuses_bad_flags_before_any_trial(capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
-        main(["gpt", "nano", "--device", "cpu"])
-    assert exit_info.value.code == 2 and "--memory_budget_gb" in capsys.readouterr().err
+        main(["gpt", "nano", "--device", "cpu", *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.slow

@@ -181,6 +181,13 @@ def test_detach_state_handles_nested_states():
         (["gpt", "nano", "--device", "tpu"], "--device must be one of"),
         (["gpt", "nano", "--steps", "many"], "--steps expects int"),
         (["gpt", "nano", "--train_batch_size", "3", "--gradient_accumulation_steps", "2"], "must be divisible by processes x accumulation steps"),
+        (["gpt", "nano", "--steps", "-1"], "--steps must be >= 0"),
+        (["gpt", "nano", "--warmup", "-5"], "--warmup >= -1"),
+        (["gpt", "nano", "--peak_tflops", "-1"], "--peak_tflops must be a finite number >= 0"),
+        (["gpt", "nano", "--train_batch_size", "0"], "--train_batch_size must be at least 1"),
+        (["gpt", "nano", "--seq_len", "-1"], "--seq_len must be at least 1"),
+        (["gpt", "nano", "--h_dim", "0"], "--h_dim must be at least 1"),
+        (["gpt", "nano", "--step", "1"], "did you mean '--steps'"),
     ],
 )
 def test_mistakes_exit_2_with_one_line(argv, message, capsys):

@@ -85,11 +85,14 @@ def apply_overrides(cfg, overrides: dict):
     return dataclasses.replace(cfg, **converted)
 
 
-def parse_flags(cfg_cls, argv: list[str]) -> dict:
-    """Parse `--field value`, `--field=value`, `--flag`, `--no-flag` into a dict of raw values."""
+def parse_flags(cfg_cls, argv: list[str], other_flags: tuple = ()) -> dict:
+    """Parse `--field value`, `--field=value`, `--flag`, `--no-flag` into a dict of raw values.
+
+    `other_flags` are the calling tool's own flag names: an unknown flag may be a typo of one of them.
+    """
     fields = _fields(cfg_cls)
     bools = {n for n in fields if _field_type(cfg_cls, n) is bool}
-    valid = [f"--{n}" for n in fields] + [f"--no-{n}" for n in sorted(bools)]
+    valid = [f"--{n}" for n in (*fields, *other_flags)] + [f"--no-{n}" for n in sorted(bools)]
     out, i = {}, 0
     while i < len(argv):
         tok = argv[i]
@@ -105,7 +108,9 @@ def parse_flags(cfg_cls, argv: list[str]) -> dict:
         if key in bools:
             out[key] = inline if eq else True
             i += 1
-        elif key.startswith("no_") and key[3:] in bools and not eq:
+        elif key.startswith("no_") and key[3:] in bools:
+            if eq:
+                raise UserError(f"--no-{key[3:]} takes no value: write --no-{key[3:]} or --{key[3:]}")
             out[key[3:]] = False
             i += 1
         elif key in fields:
@@ -173,8 +178,11 @@ def config_help(cfg_cls, presets: dict, prog: str, default_preset: str) -> str:
     return "\n".join(lines)
 
 
-def parse_config(cfg_cls, presets: dict, argv: list[str], prog: str, default_preset: str = "mini"):
+def parse_config(
+    cfg_cls, presets: dict, argv: list[str], prog: str, default_preset: str = "mini", other_flags: tuple = ()
+):
     """Level 1 + level 2: `[PRESET] [--flags]` -> config. Prints help and exits 0 on -h/--help.
+    `other_flags`: the calling tool's own flag names, suggested for a mistyped flag.
 
     A config class may declare `FOLLOWS = {follower: leader}`: a leader given on the command line sets its
     follower too, unless the follower is given as well.
@@ -187,11 +195,26 @@ def parse_config(cfg_cls, presets: dict, argv: list[str], prog: str, default_pre
     if argv and not argv[0].startswith("-"):
         name = argv.pop(0)
     cfg = build_preset(cfg_cls, presets, name)
-    flags = parse_flags(cfg_cls, argv)
+    flags = parse_flags(cfg_cls, argv, other_flags)
     for follower, leader in getattr(cfg_cls, "FOLLOWS", {}).items():  # e.g. decay_steps follows max_train_steps
         if leader in flags and follower not in flags:
             flags[follower] = flags[leader]
     return apply_overrides(cfg, flags)
+
+
+def config_flags(cfg, base, skip: tuple = ()) -> list[str]:
+    """The flags that turn config `base` into `cfg` (fields in `skip` left out), ready to paste after the
+    preset name."""
+    flags = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in skip or value == getattr(base, f.name):
+            continue
+        if isinstance(value, bool):
+            flags.append(f"--{f.name}" if value else f"--no-{f.name}")
+        else:
+            flags += [f"--{f.name}", str(value)]
+    return flags
 
 
 def config_to_dict(cfg) -> dict:
@@ -203,12 +226,24 @@ def save_config(cfg, path):
     atomic_write_json(path, config_to_dict(cfg))
 
 
-def load_config_json(cfg_cls, path, strict: bool = True):
-    """Read a config JSON written by `save_config`. Unknown keys raise (strict) or are dropped."""
+def read_config_json(path) -> dict:
+    """The JSON object of a config file; a missing, unreadable or damaged file is one UserError line."""
     if not os.path.isfile(path):
         raise UserError(f"no config file at {path}")
-    with open(path) as f:
-        data = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable config ({type(e).__name__}); restore it") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} does not hold a config (a JSON object)")
+    return data
+
+
+def load_config_json(cfg_cls, path, strict: bool = True, data: dict | None = None):
+    """Read a config JSON written by `save_config` (or use its already read `data`). Unknown keys raise
+    (strict) or are dropped."""
+    data = read_config_json(path) if data is None else data
     fields = _fields(cfg_cls)
     unknown = sorted(set(data) - set(fields))
     if unknown and strict:

@@ -9,6 +9,7 @@ The reference throughputs below are the original paper's measurements at each pr
 """
 
 import dataclasses
+import math
 
 from languini.common_lib.errors import UserError
 from languini.projects import load_project
@@ -40,18 +41,35 @@ RECIPES = [
 ]  # fmt: skip
 
 
+def _positive(**values):
+    """Refuse (one line) any value that is not a finite number > 0."""
+    for name, value in values.items():
+        if not (math.isfinite(value) and value > 0):
+            raise UserError(f"{name} must be a finite number > 0, got {value}")
+
+
+def _at_least_one_step(steps: float, budget: str, step_cost: str) -> int:
+    """`steps` rounded; a budget below one step, or too large to count, is one line."""
+    if not math.isfinite(steps):
+        raise UserError(f"{budget} is too large a budget to count in steps")
+    if round(steps) < 1:
+        raise UserError(f"{budget} is less than one training step ({step_cost} per step)")
+    return round(steps)
+
+
 def steps_for(hours: float, tokens_per_second: float, train_batch_size: int, seq_len: int) -> int:
-    """Optimiser steps that fill `hours` on a GPU processing `tokens_per_second`."""
-    if hours <= 0 or tokens_per_second <= 0 or train_batch_size <= 0 or seq_len <= 0:
-        raise UserError("hours, tokens_per_second, train_batch_size and seq_len must all be positive")
-    return round(hours * 3600 * tokens_per_second / (train_batch_size * seq_len))
+    """Optimiser steps that fill `hours` on a GPU processing `tokens_per_second` (at least one)."""
+    _positive(hours=hours, tokens_per_second=tokens_per_second, train_batch_size=train_batch_size, seq_len=seq_len)
+    tokens_per_step = train_batch_size * seq_len
+    steps = hours * 3600 * tokens_per_second / tokens_per_step
+    return _at_least_one_step(steps, f"{hours:g} hours", f"{tokens_per_step / tokens_per_second:.3g} s")
 
 
 def steps_for_flops(flops: float, flops_per_token: float, train_batch_size: int, seq_len: int) -> int:
-    """Optimiser steps that spend a FLOP budget (a hardware-independent compute class)."""
-    if flops <= 0 or flops_per_token <= 0:
-        raise UserError("--flops and the config's FLOPs per token must be positive")
-    return round(flops / (flops_per_token * train_batch_size * seq_len))
+    """Optimiser steps that spend a FLOP budget (a hardware-independent compute class; at least one)."""
+    _positive(flops=flops, flops_per_token=flops_per_token)
+    step_flops = flops_per_token * train_batch_size * seq_len
+    return _at_least_one_step(flops / step_flops, f"{flops:.3g} FLOPs", f"{step_flops:.3g} FLOPs")
 
 
 def reference_tokens_per_second(project: str, preset: str) -> float | None:

@@ -46,7 +46,7 @@ def _project_and_rest(argv, usage: str):
 @exit_on_user_error
 def train_main(argv=None):
     parsed = _project_and_rest(argv, TRAIN_USAGE)
-    return 0 if parsed is None else run_training(*parsed)
+    return 0 if parsed is None else run_training(*parsed, prog=f"languini train {parsed[0].name}")
 
 
 @exit_on_user_error

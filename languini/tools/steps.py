@@ -6,9 +6,12 @@ file, or `--calibrate` (measured here against a reference preset); see docs/comp
 
 import dataclasses
 import json
+import math
 import os
+import shlex
 import sys
 
+from languini.common_lib.config import config_flags
 from languini.common_lib.errors import UserError, exit_on_user_error
 from languini.projects import load_project
 from languini.tools.compute_classes import (
@@ -22,14 +25,14 @@ from languini.tools.compute_classes import (
     steps_for_flops,
 )
 from languini.tools.flops import count_step_flops
-from languini.tools.throughput import measure
+from languini.tools.throughput import check_timing_options, measure
 from languini.tools.tool_args import parse_tool_args
 
 STEPS_FLAGS = {
-    "hours": (float, 0.0, "compute class in reference-GPU hours (default: print every class)"),
-    "tokens_per_second": (float, 0.0, "reference-GPU throughput of the config (default: the published table)"),
+    "hours": (float, None, "compute class in reference-GPU hours (default: print every class)"),
+    "tokens_per_second": (float, None, "reference-GPU throughput of the config (default: the published table)"),
     "throughput_json": (str, "", "take tokens_per_second from a `throughput.py --json` file"),
-    "flops": (float, 0.0, "a FLOP budget instead of hours (hardware-independent class), e.g. 1e18"),
+    "flops": (float, None, "a FLOP budget instead of hours (hardware-independent class), e.g. 1e18"),
     "calibrate": (bool, False, "estimate the 3090 throughput from a local measurement against a reference preset"),
     "reference_preset": (str, "", "reference preset for --calibrate (default: the config's preset or small)"),
     "steps": (int, 0, "timed steps per --calibrate measurement (0 = auto)"),
@@ -79,7 +82,7 @@ def calibrate(project: str, cfg, reference_preset: str, steps: int, warmup: int)
 
 def _resolve_throughput(project: str, cfg, opts) -> tuple[float, str]:
     """tokens/s and where it came from: --tokens_per_second, --throughput_json, --calibrate, or the table."""
-    if opts.tokens_per_second > 0:
+    if opts.tokens_per_second is not None:
         return opts.tokens_per_second, "given by --tokens_per_second"
     if opts.throughput_json:
         return _throughput_from_json(opts.throughput_json, project, cfg), f"read from {opts.throughput_json}"
@@ -103,28 +106,48 @@ def _resolve_throughput(project: str, cfg, opts) -> tuple[float, str]:
     return float(published), f"published RTX 3090 figure for {project} {cfg.preset}"
 
 
+def _check_options(opts):
+    """One line for a budget or throughput that is not a finite positive number, or for two budgets."""
+    for name in ("hours", "flops", "tokens_per_second"):
+        value = opts[name]
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UserError(f"--{name} must be a finite number > 0, got {value}")
+    if opts.hours is not None and opts.flops is not None:
+        raise UserError("pass --hours or --flops, not both (a compute class is one budget)")
+    check_timing_options(opts)
+
+
+def _config_flags(project: str, cfg) -> str:
+    """The config flags given beside the preset (`--train_batch_size 8 ...`): the printed steps hold for
+    this config only, so the suggested command repeats them."""
+    preset = load_project(project).preset_config(cfg.preset)
+    flags = config_flags(cfg, preset, skip=("max_train_steps", "decay_steps"))
+    return " " + shlex.join(flags) if flags else ""
+
+
 @exit_on_user_error
 def main(argv=None):
     usage = "languini steps PROJECT [PRESET] --train_batch_size B [--hours H | --flops F] [--flags]"
     project, cfg, opts = parse_tool_args(sys.argv[1:] if argv is None else argv, usage, STEPS_FLAGS)
-    if opts.hours < 0 or opts.flops < 0:
-        raise UserError("--hours and --flops must be positive")
+    _check_options(opts)
     tokens_per_step = cfg.train_batch_size * cfg.seq_len
     print(f"{project} {cfg.preset}: train_batch_size {cfg.train_batch_size} x seq_len {cfg.seq_len} "
           f"= {tokens_per_step:,} tokens per step")  # fmt: skip
-    if opts.flops > 0:
+    same_config = _config_flags(project, cfg)
+    if opts.flops is not None:
         per_token = count_step_flops(project, cfg).forward_backward_per_token
         steps = steps_for_flops(opts.flops, per_token, cfg.train_batch_size, cfg.seq_len)
         print(f"FLOPs per token (fwd+bwd, torch.utils.flop_counter): {per_token:.4g}")
         print(f"{opts.flops:.4g} FLOPs -> {steps} steps")
-        print(f"--max_train_steps {steps} --decay_steps {steps}")
+        print(f"--max_train_steps {steps} --decay_steps {steps}{same_config}")
         return 0
     tps, source = _resolve_throughput(project, cfg, opts)
     print(f"tokens_per_second {tps:,.0f} ({source})")
-    hours = [opts.hours] if opts.hours > 0 else COMPUTE_CLASS_HOURS
+    hours = [opts.hours] if opts.hours is not None else COMPUTE_CLASS_HOURS
     for h in hours:
         steps = steps_for(h, tps, cfg.train_batch_size, cfg.seq_len)
-        print(f"{h:g}h: {steps} steps   --max_train_steps {steps} --decay_steps {steps} --tokens_per_second {tps:.0f}")
+        print(f"{h:g}h: {steps} steps   --max_train_steps {steps} --decay_steps {steps} --tokens_per_second {tps:.0f}"
+              f"{same_config}")  # fmt: skip
         recipe = published_recipe(project, cfg, h)
         if recipe and recipe["steps"] == steps:
             print(f"this is the published {h:g}h recipe:\n{recipe_command(recipe)}")

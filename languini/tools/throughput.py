@@ -31,7 +31,7 @@ from languini.common_lib.device import (
     resolve_precision,
     synchronize,
 )
-from languini.common_lib.errors import exit_on_user_error
+from languini.common_lib.errors import UserError, exit_on_user_error
 from languini.tools.compute_classes import (
     REFERENCE_GPU,
     THROUGHPUT_CLASS_HOURS,
@@ -260,10 +260,21 @@ def is_oom(error: BaseException) -> bool:
     return False
 
 
+def check_timing_options(opts):
+    """One line for timing flags out of range (shared with the sweep, which passes them to its trials, and
+    with `steps --calibrate`)."""
+    if opts.steps < 0 or opts.warmup < -1:
+        raise UserError(f"--steps must be >= 0 (0 = auto) and --warmup >= -1 (-1 = auto); got {opts.steps}, {opts.warmup}")
+    peak = opts.get("peak_tflops", 0.0)
+    if not (math.isfinite(peak) and peak >= 0):
+        raise UserError(f"--peak_tflops must be a finite number >= 0 (0 = the built-in table), got {peak}")
+
+
 @exit_on_user_error
 def main(argv=None):
     usage = "throughput.py PROJECT [PRESET] [--config flags] [--json FILE] [--steps N] [--warmup N] [--peak_tflops F]"
     project, cfg, opts = parse_tool_args(sys.argv[1:] if argv is None else argv, usage, THROUGHPUT_FLAGS)
+    check_timing_options(opts)
     try:
         results = measure(project, cfg, opts.steps, opts.warmup, opts.peak_tflops)
     except Exception as e:  # torch.compile wraps errors in its own exception types

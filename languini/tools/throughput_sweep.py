@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from languini.common_lib.atomic_io import atomic_write_text
 from languini.common_lib.config import split_tool_flags
 from languini.common_lib.errors import UserError, exit_on_user_error
 from languini.projects import project_dir
-from languini.tools.throughput import OOM_EXIT_CODE, THROUGHPUT_FLAGS, is_oom_text
+from languini.tools.throughput import OOM_EXIT_CODE, THROUGHPUT_FLAGS, check_timing_options, is_oom_text
 from languini.tools.tool_args import parse_tool_args
 from languini.train_lib.train_config import TrainConfig
 
@@ -158,9 +159,17 @@ def main(argv=None):
     project, cfg, opts = parse_tool_args(argv, usage, SWEEP_FLAGS)
     if cfg.gradient_accumulation_steps != 1:
         raise UserError("the sweep measures single forward batches: leave --gradient_accumulation_steps at 1")
+    check_timing_options(opts)
+    if not 1 <= opts.start_batch_size <= opts.max_batch_size:
+        raise UserError(
+            f"need 1 <= --start_batch_size <= --max_batch_size; got {opts.start_batch_size}, {opts.max_batch_size}"
+        )
     env, on_cpu = _trial_environment(cfg, opts.gpu)
-    if on_cpu and opts.memory_budget_gb <= 0:
-        raise UserError("on CPU there is no out-of-memory to find: pass --memory_budget_gb G")
+    budget = opts.memory_budget_gb
+    if on_cpu and not (math.isfinite(budget) and budget > 0):
+        raise UserError(
+            f"on CPU there is no out-of-memory to find: --memory_budget_gb G must be a finite number > 0, got {budget}"
+        )
     _, config_argv = split_tool_flags(argv[1:], SWEEP_FLAGS)
     trial_argv = [project, *config_argv] + [f"--{k}={opts[k]}" for k in PASSED_TO_TRIALS]
     csv_path = opts.csv or os.path.join(project_dir(project), "throughput_results.csv")

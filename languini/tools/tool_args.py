@@ -6,6 +6,7 @@ and config flags, parsed by the project's spec.
 
 from languini.common_lib.config import split_tool_flags
 from languini.projects import load_project
+from languini.train_lib.train_config import check_config
 
 
 def _tool_usage(usage: str, tool_flags: dict) -> str:
@@ -34,5 +35,6 @@ def parse_tool_args(argv: list[str], usage: str, tool_flags: dict):
     if any(a in ("-h", "--help") for a in rest):
         print(_tool_usage(usage, tool_flags) + "\n")
     values, rest = split_tool_flags(rest, tool_flags)
-    cfg = spec.parse_config(rest, f"{usage.split()[0]} {project}")
+    cfg = spec.parse_config(rest, f"{usage.split(' PROJECT')[0]} {project}", tuple(tool_flags))
+    check_config(cfg)  # the tools size tensors from it: a zero batch or a negative length is one line here
     return project, cfg, ToolOptions(values)

@@ -16,7 +16,13 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from languini.common_lib.config import apply_overrides, build_preset, load_config_json, parse_config
+from languini.common_lib.config import (
+    apply_overrides,
+    build_preset,
+    load_config_json,
+    parse_config,
+    read_config_json,
+)
 from languini.common_lib.errors import UserError
 from languini.train_lib.train_config import TrainConfig
 
@@ -77,9 +83,10 @@ class ProjectSpec:
         """The config of a preset (default: the spec's default preset)."""
         return self._stamped(build_preset(self.Config, self.presets, preset or self.default_preset))
 
-    def parse_config(self, argv: list[str], prog: str):
-        """`[PRESET] [--flags]` -> config (help and one-line errors from the config parser)."""
-        cfg = parse_config(self.Config, self.presets, list(argv), prog, self.default_preset)
+    def parse_config(self, argv: list[str], prog: str, other_flags: tuple = ()):
+        """`[PRESET] [--flags]` -> config (help and one-line errors from the config parser; `other_flags`, a
+        tool's own flag names, are suggested for a mistyped flag too)."""
+        cfg = parse_config(self.Config, self.presets, list(argv), prog, self.default_preset, tuple(other_flags))
         if cfg.project not in ("", self.name):
             raise UserError(f"--project is set by the project folder ({self.name}); remove --project {cfg.project}")
         return self._stamped(cfg)
@@ -91,13 +98,14 @@ class ProjectSpec:
 
     def load_run_config(self, path: str):
         """A run's saved config.json; refuses a run that another project trained."""
-        cfg = load_config_json(self.Config, path)
-        if cfg.project and cfg.project != self.name:
+        data = read_config_json(path)
+        project = data.get("project")
+        if project and project != self.name:  # before the fields: another project's config has others
             raise UserError(
-                f"{path} is a run of project '{cfg.project}', not '{self.name}': evaluate it with "
-                f"languini/projects/{cfg.project}/eval.py (each project scores runs with its own model code)"
+                f"{path} is a run of project '{project}', not '{self.name}': evaluate it with "
+                f"languini/projects/{project}/eval.py (each project scores runs with its own model code)"
             )
-        return self._stamped(cfg)
+        return self._stamped(load_config_json(self.Config, path, data=data))
 
 
 def spec_problems(spec: ProjectSpec) -> list[str]:

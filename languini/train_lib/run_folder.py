@@ -301,7 +301,8 @@ def corpus_differences(recorded: dict, identity: dict) -> list[str]:
 
 
 def git_revision() -> str:
-    """The git commit of the languini source ('+dirty' when modified), or 'unknown' outside a checkout."""
+    """The git commit of the languini source, or 'unknown' outside a checkout; '+dirty' when the checkout
+    has changes or untracked files (a new project folder, say): source.zip holds the exact sources."""
     try:
         run = dict(cwd=PACKAGE_DIR, capture_output=True, text=True, timeout=10)
         rev = subprocess.run(["git", "rev-parse", "HEAD"], check=True, **run).stdout.strip()

@@ -29,15 +29,15 @@ from languini.train_lib.distributed import (
 from languini.train_lib.loggers import MetricsLogger, check_sinks, truncate_metrics
 from languini.train_lib.parallel import check_parallel_config
 from languini.train_lib.project_spec import ProjectSpec
-from languini.train_lib.train_config import check_config
+from languini.train_lib.train_config import check_config, schedule_warnings
 from languini.train_lib.trainer import Trainer, TrainingDiverged, check_batch_layout
 
 
-def run_training(spec: ProjectSpec, argv: list[str]) -> int:
+def run_training(spec: ProjectSpec, argv: list[str], prog: str = "") -> int:
     """Train the project's model with the config parsed from `argv` (`[PRESET] [--flags]`); returns the
-    exit code."""
+    exit code. `prog` names the command in --help (default: the script's name)."""
     world = world_from_env()
-    prog = os.path.basename(sys.argv[0]) or "main.py"
+    prog = prog or os.path.basename(sys.argv[0]) or "main.py"
     try:
         cfg = spec.parse_config(list(argv), prog)
         return _train(cfg, spec.Model, world, list(argv))
@@ -49,6 +49,8 @@ def run_training(spec: ProjectSpec, argv: list[str]) -> int:
         if world.is_main:
             print(f"error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        raise  # stdout's reader went away (`| head`): the entry point ends quietly
     except OSError as e:  # the disk filled up, the folder became read-only, ... while training
         if world.is_main:
             where = f" ({e.filename})" if e.filename else ""
@@ -60,6 +62,8 @@ def run_training(spec: ProjectSpec, argv: list[str]) -> int:
 
 def _train(cfg, Model, world, argv: list[str]) -> int:
     check_config(cfg)
+    for warning in schedule_warnings(cfg) if world.is_main else []:
+        print(f"warning: {warning}", file=sys.stderr)
     check_model_builds(Model, cfg)
     dataset_path = check_dataset(cfg.data_root, cfg.dataset, cfg.vocab_size)
     if cfg.eval_every > 0:

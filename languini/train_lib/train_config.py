@@ -108,10 +108,10 @@ def check_config(cfg):
         if not ok:
             raise UserError(message)
 
-    for name in ("seq_len", "train_batch_size", "eval_batch_size", "test_batch_size", "decay_steps"):
+    # max_train_steps first: given alone it also sets decay_steps, and the message must name the flag typed
+    for name in ("max_train_steps", "seq_len", "train_batch_size", "eval_batch_size", "test_batch_size", "decay_steps"):
         require(getattr(cfg, name) >= 1, f"--{name} must be at least 1, got {getattr(cfg, name)}")
     require(cfg.vocab_size > END_OF_DOC, f"--vocab_size must exceed the special ids 0..{END_OF_DOC}")
-    require(cfg.max_train_steps >= 1, f"--max_train_steps must be at least 1, got {cfg.max_train_steps}")
     require(cfg.warmup_steps >= 0, f"--warmup_steps must be >= 0, got {cfg.warmup_steps}")
     require(cfg.max_eval_steps == -1 or cfg.max_eval_steps >= 1, "--max_eval_steps must be -1 (all) or >= 1")
     for name in ("max_lr", "min_lr", "adam_eps", "weight_decay", "grad_clip_norm", "tokens_per_second"):
@@ -135,3 +135,14 @@ def check_config(cfg):
         value = getattr(cfg, f.name)
         if f.name not in shared and type(value) is int:
             require(value >= 1, f"--{f.name} must be at least 1, got {value}")
+
+
+def schedule_warnings(cfg) -> list[str]:
+    """Settings that train, but not as the user likely meant: a warm-up as long as the whole schedule."""
+    if cfg.warmup_steps >= cfg.decay_steps:
+        return [
+            f"--warmup_steps {cfg.warmup_steps} is not below --decay_steps {cfg.decay_steps}: the learning rate "
+            f"never reaches --max_lr {cfg.max_lr:g} (the preset's warm-up is meant for longer runs; lower "
+            "--warmup_steps for a short one)"
+        ]
+    return []
