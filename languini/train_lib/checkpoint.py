@@ -20,10 +20,12 @@ is read with `torch.load(weights_only=True)`: a file that holds any other Python
 before anything in it runs. The RNG states of Python and NumPy are converted to tensors and ints for that.
 """
 
+import math
 import os
 import pickle
 import random
 import re
+import reprlib
 import warnings
 
 import numpy as np
@@ -31,6 +33,7 @@ import torch
 
 from languini.common_lib.atomic_io import atomic_torch_save
 from languini.common_lib.errors import UserError
+from languini.train_lib.optim import MuonWithAdam, MuonWithAdamLR
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.")
 # The entries a checkpoint must have to be resumed, with their types.
@@ -94,7 +97,8 @@ def save_checkpoint(path: str, checkpoint: dict):
     atomic_torch_save(path, checkpoint)
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none), for one-line errors."""
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
 
@@ -118,7 +122,7 @@ def load_checkpoint(path: str):
             "which could run code; languini checkpoints never do (re-create one written by an older version)"
         ) from None
     except Exception as e:  # a foreign or truncated file: say which one
-        raise UserError(f"cannot read checkpoint {path}: {_first_line(e)}") from None
+        raise UserError(f"cannot read checkpoint {path}: {first_line(e)}") from None
 
 
 def check_training_checkpoint(checkpoint, path: str):
@@ -135,6 +139,169 @@ def check_training_checkpoint(checkpoint, path: str):
     short = [k for k in ("loader", "states", "rng") if len(checkpoint[k]) != world]
     if short:
         raise UserError(f"{path} is damaged: '{short[0]}' has {len(checkpoint[short[0]])} entries for {world} processes")
+    if isinstance(checkpoint["step"], bool) or checkpoint["step"] < 0:
+        raise UserError(f"{path} is damaged: its step {checkpoint['step']!r} is not a count of steps")
+    config = checkpoint.get("config")  # absent or None in hand-made files: the run's own config is used
+    if config is not None and not isinstance(config, dict):
+        raise UserError(f"{path} is damaged: its 'config' entry is a {type(config).__name__}, not a dict")
+
+
+def _kind(value):
+    """The form of plain data, to compare a saved entry with the live one: numbers, flags, strings and None
+    by type, lists and tuples element by element, dicts key by key."""
+    if isinstance(value, bool) or value is None:
+        return repr(type(value))
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, (list, tuple)):
+        return [_kind(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _kind(v) for k, v in value.items()}
+    return type(value).__name__
+
+
+def _entry_problem(saved: dict, live: dict, required) -> str | None:
+    """The first of `required` keys missing from `saved`, or the first key both hold in different forms
+    (None, torch's "default" for a setting, fits any form)."""
+    missing = [k for k in required if k not in saved]
+    if missing:
+        return f"lacks {', '.join(map(str, missing))}"
+    both = [k for k in live if saved.get(k) is not None and live[k] is not None]
+    differ = next((k for k in both if _kind(saved[k]) != _kind(live[k])), None)
+    if differ is not None:
+        return f"has {differ} = {reprlib.repr(saved[differ])}, this run {reprlib.repr(live[differ])}"
+    return None
+
+
+def check_scheduler_state(state, scheduler, path: str, step: int):
+    """Refuse, in one line, a `scheduler` entry that is not the schedule of this run after `step` steps.
+
+    torch's schedulers load any dict into their attributes, so a foreign one would silently restart the
+    schedule. Every entry the live scheduler saves must be there in the same form (entries that the
+    scheduler's class defaults, flags newer torch versions added, may be absent) and `last_epoch`, which
+    the trainer advances once per step from 0, must equal `step`.
+    """
+    for name, live, saved in _scheduler_parts(scheduler, state, path):
+        if not isinstance(saved, dict):
+            raise UserError(f"{path} is damaged: its {name} state is a {type(saved).__name__}, not a dict")
+        live_state = live.state_dict()
+        problem = _entry_problem(saved, live_state, [k for k in live_state if not hasattr(type(live), k)])
+        if problem is None and saved["last_epoch"] != step:
+            problem = f"is at step {saved['last_epoch']!r}, the checkpoint at step {step}"
+        if problem:
+            raise UserError(f"{path} does not fit this run: its {name} state {problem}")
+
+
+def _scheduler_parts(scheduler, state, path: str) -> list:
+    """(name, scheduler, saved state) of each schedule inside `scheduler` (two for a MuonWithAdamLR)."""
+    if not isinstance(scheduler, MuonWithAdamLR):
+        return [("schedule", scheduler, state)]
+    if not isinstance(state, dict) or set(state) != {"adam", "muon"}:
+        raise UserError(f"{path} does not fit this run: its schedule is not the one of a Muon + Adam run")
+    return [
+        ("Adam schedule", scheduler.adam, state["adam"]),
+        ("Muon schedule", scheduler.muon, state["muon"]),
+    ]
+
+
+def check_optimizer_state(checkpoint: dict, optimizer, path: str):
+    """Refuse, in one line, an `optimizer` entry of `checkpoint` that does not fit `optimizer`, before it
+    is loaded.
+
+    torch loads whatever tensors the entry holds, and its fused kernels then read and write them as if they
+    had their parameter's size: a damaged or crafted file could corrupt memory. The entry must have the
+    optimiser's parameter groups with as many parameters each, a state only for those parameters, holding
+    the entries the optimiser keeps (Adam: step, exp_avg, exp_avg_sq; Muon: momentum_buffer), each buffer
+    exactly its parameter's shape in a floating dtype and `step` a scalar. After training steps each
+    optimiser must hold a state, except in an fp16 run, whose grad scaler may have skipped every update.
+    """
+    stepped = checkpoint["step"] > 0 and checkpoint.get("scaler") is None
+    for name, live, saved in _optimizer_parts(optimizer, checkpoint["optimizer"], path):
+        problem = _optimizer_problem(saved, live)
+        if problem is None and stepped and not saved["state"]:
+            problem = f"is empty after {checkpoint['step']} steps"
+        if problem:
+            raise UserError(f"{path} does not fit this run: its {name} state {problem}")
+
+
+def _optimizer_parts(optimizer, state, path: str) -> list:
+    """(name, torch optimiser, saved state) of each optimiser inside `optimizer` (two for a MuonWithAdam)."""
+    if not isinstance(optimizer, MuonWithAdam):
+        return [("optimizer", optimizer, state)]
+    if not isinstance(state, dict) or set(state) != {"adam", "muon"}:
+        raise UserError(
+            f"{path} does not fit this run: its optimizer state is not a Muon + Adam one "
+            "(was the run trained with --optimizer adam?)"
+        )
+    return [
+        ("Adam optimizer", optimizer.adam, state["adam"]),
+        ("Muon optimizer", optimizer.muon, state["muon"]),
+    ]
+
+
+def _optimizer_problem(saved, live: torch.optim.Optimizer) -> str | None:
+    """Why `saved` is not a state of `live` (see check_optimizer_state), or None."""
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not isinstance(groups, list) or not isinstance(saved.get("state"), dict):
+        return "is not an optimizer state (a dict of 'state' and 'param_groups')"
+    live_groups = live.param_groups
+    if len(groups) != len(live_groups):
+        return f"has {len(groups)} parameter groups, this run's optimizer {len(live_groups)}"
+    params = {}  # saved parameter number -> (live parameter, saved group): torch pairs them in order
+    for i, (group, live_group) in enumerate(zip(groups, live_groups)):
+        numbers = group.get("params") if isinstance(group, dict) else None
+        if not isinstance(numbers, list) or not all(type(n) is int for n in numbers):
+            return f"has a parameter group {i} without a list of parameter numbers"
+        if len(numbers) != len(live_group["params"]):
+            return f"has {len(numbers)} parameters in group {i}, this run's {len(live_group['params'])}"
+        problem = _entry_problem(group, {k: v for k, v in live_group.items() if k != "params"}, [])
+        if problem:
+            return f"group {i} {problem}"
+        params.update((n, (p, group)) for n, p in zip(numbers, live_group["params"]))
+    if len(params) != sum(len(g["params"]) for g in live_groups):
+        return "numbers a parameter twice"
+    for number, entries in saved["state"].items():
+        if number not in params:
+            return f"has an entry for parameter {reprlib.repr(number)}, which the optimizer does not have"
+        problem = _parameter_state_problem(entries, *params[number], live)
+        if problem:
+            return f"of parameter {number} {problem}"
+    return None
+
+
+def _parameter_state_problem(entries, param: torch.Tensor, group: dict, live) -> str | None:
+    """Why `entries` is not the state `live` keeps for `param` (of the saved `group`), or None."""
+    if not isinstance(entries, dict):
+        return f"is a {type(entries).__name__}, not a dict"
+    missing = _state_keys(live, group) - set(entries)
+    if missing:
+        return f"lacks {', '.join(sorted(missing))}"
+    for key, value in entries.items():
+        if key == "step":
+            count = value.item() if isinstance(value, torch.Tensor) and value.dim() == 0 else value
+            if isinstance(count, bool) or not isinstance(count, (int, float)) or not 0 <= count < math.inf:
+                return f"has step {_describe(value)}, not a count"
+        elif not (
+            isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == param.shape
+        ):
+            return f"has {key} {_describe(value)}, its parameter is {_describe(param)}"
+    return None
+
+
+def _state_keys(optimizer, group: dict) -> set:
+    """The entries torch's Adam / AdamW and Muon keep per parameter (none required of another optimiser)."""
+    if isinstance(optimizer, torch.optim.Muon):
+        return {"momentum_buffer"}
+    if isinstance(optimizer, torch.optim.Adam):  # AdamW too
+        return {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if group.get("amsgrad") else set())
+    return set()
+
+
+def _describe(value) -> str:
+    """A tensor as its shape and dtype (`4x3 float32`, `scalar int64`), anything else as a short repr."""
+    if isinstance(value, torch.Tensor):
+        return f"{_shape(value) or 'scalar'} {str(value.dtype).removeprefix('torch.')}"
+    return reprlib.repr(value)
 
 
 def _shape(value) -> str:
@@ -161,7 +328,7 @@ def load_model_state(model: torch.nn.Module, state_dict, path: str):
     try:
         model.load_state_dict(given)
     except RuntimeError as e:
-        raise UserError(f"{path} does not fit the config: {_first_line(e)}") from None
+        raise UserError(f"{path} does not fit the config: {first_line(e)}") from None
 
 
 def load_model_weights(model: torch.nn.Module, path: str) -> dict:
@@ -216,7 +383,7 @@ def load_sharded(folder: str, path: str, model: torch.nn.Module, optimizer=None)
     except UserError:
         raise
     except Exception as e:  # a shard that does not fit (another model), a damaged file
-        raise UserError(f"{path} does not fit this run: its sharded weights cannot be loaded ({_first_line(e)})") from None
+        raise UserError(f"{path} does not fit this run: its sharded weights cannot be loaded ({first_line(e)})") from None
 
 
 def _load_sharded(folder: str, model: torch.nn.Module, optimizer, no_dist: bool):
@@ -249,6 +416,7 @@ def load_full_into_sharded(checkpoint: dict, path: str, model: torch.nn.Module, 
                  if k in given and (not isinstance(given[k], torch.Tensor) or given[k].shape != v.shape)]  # fmt: skip
     if problems:
         raise UserError(f"{path} does not fit the config (a model flag changed?): {'; '.join(problems[:3])}")
+    check_optimizer_state(checkpoint, optimizer, path)
     try:
         optim_sd = _optimizer_state_by_name(checkpoint["optimizer"], optimizer, model)
         set_state_dict(
@@ -256,7 +424,7 @@ def load_full_into_sharded(checkpoint: dict, path: str, model: torch.nn.Module, 
             options=StateDictOptions(full_state_dict=True),
         )  # fmt: skip
     except Exception as e:
-        raise UserError(f"{path} does not fit this run: its optimizer state cannot be restored ({_first_line(e)})") from None
+        raise UserError(f"{path} does not fit this run: its optimizer state cannot be restored ({first_line(e)})") from None
 
 
 def _optimizer_state_by_name(state: dict, optimizer, model: torch.nn.Module) -> dict:

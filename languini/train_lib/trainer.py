@@ -9,10 +9,11 @@ The hot path never waits for the device: losses are summed on the device and rea
 (metrics line, terminal line, checkpoint) is due; batches are copied from pinned memory without blocking,
 so the host prepares the next batch while the device still works on the previous step.
 
-SIGINT / SIGTERM ask the run to stop: it finishes the step under way, writes a checkpoint and returns the
-signal (train_command exits 128 + signal). Checkpoints are also written every `ckpt_every_minutes` of wall
-time. Under torchrun the ranks agree on both at every step boundary with one small all-reduce on the host
-(a gloo group), so the device is never waited for.
+SIGINT / SIGTERM ask the run to stop: it finishes the step under way (a validation under way stops before
+its next batch, without a record), writes a checkpoint and returns the signal (train_command exits 128 +
+signal). Checkpoints are also written every `ckpt_every_minutes` of wall time. Under torchrun the ranks
+agree on both at every step boundary, and on a signal before every validation batch, with one small
+all-reduce on the host (a gloo group), so the device is never waited for.
 
 `--parallel fsdp` shards the model with torch's FSDP2 instead of replicating it with DDP, and
 `--activation_checkpointing` recomputes each block's activations in the backward (languini/train_lib/
@@ -24,6 +25,7 @@ import contextlib
 import os
 import random
 import re
+import reprlib
 import shutil
 import signal
 import threading
@@ -68,6 +70,14 @@ KILL_BEFORE_POINTER_ENV = "LANGUINI_TEST_KILL_BEFORE_POINTER_AT_STEP"
 
 class TrainingDiverged(Exception):
     """The loss became NaN or infinite; the run stops without checkpointing the bad state."""
+
+
+class ValidationAbandoned(Exception):
+    """A signal came during a validation: every rank stopped it before the same batch."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def check_batch_layout(cfg, world_size: int):
@@ -182,7 +192,7 @@ class Trainer:
                 ckpt.save_sharded(os.path.join(os.path.dirname(path), sharded), self.raw_model, self.optimizer)
             except Exception as e:  # DCP reports a failure of any process on every process
                 failure = (
-                    f"cannot write the sharded checkpoint {sharded} beside {path}: {_first_line(e)}; the previous "
+                    f"cannot write the sharded checkpoint {sharded} beside {path}: {ckpt.first_line(e)}; the previous "
                     "checkpoint is intact (free space or fix the folder's permissions, then continue with "
                     "--resume auto)"
                 )
@@ -240,6 +250,16 @@ class Trainer:
                 f"{path} was trained with --train_batch_size {saved_batch}; resume it with the same global batch "
                 "(processes and --gradient_accumulation_steps may change)"
             )
+        step = checkpoint["step"]
+        if step > self.cfg.max_train_steps:
+            raise UserError(
+                f"{path} is at step {step}, past --max_train_steps {self.cfg.max_train_steps}; continue it "
+                f"with --max_train_steps {step} or more"
+            )
+        problem = _loader_states_problem(checkpoint["loader"], step, self.cfg.train_batch_size)
+        if problem:
+            raise UserError(f"{path} is damaged: its loader state {problem}")
+        ckpt.check_scheduler_state(checkpoint["scheduler"], self.scheduler, path, step)
         same_layout = saved_world == world.size
         rank = world.rank
         part = "model"
@@ -252,6 +272,7 @@ class Trainer:
             else:
                 ckpt.load_model_state(self.raw_model, checkpoint["model"], path)
                 part = "optimizer"
+                ckpt.check_optimizer_state(checkpoint, self.optimizer, path)
                 self.optimizer.load_state_dict(checkpoint["optimizer"])
             part = "scheduler"
             self.scheduler.load_state_dict(checkpoint["scheduler"])
@@ -279,9 +300,9 @@ class Trainer:
         except UserError:
             raise
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
-            reason = _first_line(e)
+            reason = ckpt.first_line(e)
             raise UserError(f"{path} does not fit this run: its {part} state cannot be restored ({reason})") from None
-        self.step = checkpoint["step"]
+        self.step = step
         self.elapsed_before = float(checkpoint["elapsed"])
         self.restored_corpus = checkpoint.get("corpus")
         saved_m = len(checkpoint["states"][0]) if checkpoint["states"] else self.micro_batches
@@ -338,8 +359,13 @@ class Trainer:
 
     # ---- validation --------------------------------------------------------------------------------------
 
-    def validate(self) -> dict:
-        """Metrics on the iid test split from zero states (at most max_eval_steps batches), all ranks summed."""
+    def validate(self, interruption: "Interruption") -> dict:
+        """Metrics on the iid test split from zero states (at most max_eval_steps batches), all ranks summed.
+
+        Before each batch the ranks vote on a signal (`vote`), so that a signal stops a long validation at
+        once, on every rank before the same batch and before any rank sums its results with the others:
+        raises ValidationAbandoned.
+        """
         cfg = self.cfg
         loader = make_loader(
             cfg,
@@ -351,10 +377,28 @@ class Trainer:
             repeat=False,
             device=self.device,
         )
-        metrics = evaluate_on_loader(
-            self.eval_model, loader, self.autocast, cfg.max_eval_steps, self.token_lengths, self.world
-        )
+        loader = _StopsOnSignal(loader, lambda: self.vote(interruption)[0])
+        was_training = self.eval_model.training
+        try:
+            metrics = evaluate_on_loader(
+                self.eval_model, loader, self.autocast, cfg.max_eval_steps, self.token_lengths, self.world
+            )
+        finally:  # an abandoned evaluation leaves the model in eval mode
+            self.eval_model.train(was_training)
         return {f"eval/{k}": v for k, v in metrics.items() if v is not None}
+
+    def _validate_into(self, record: dict, interruption: "Interruption", say) -> int:
+        """Validate, add the metrics to `record` and print them; returns 0, or the signal that abandoned the
+        validation (nothing is added then)."""
+        self.window.check_finite(self.step)
+        try:
+            eval_metrics = self.validate(interruption)
+        except ValidationAbandoned as abandoned:
+            return abandoned.signum
+        record.update(eval_metrics)
+        if self.world.is_main:
+            say(f"step {self.step}: " + "  ".join(f"{k} {_fmt(v)}" for k, v in eval_metrics.items()))
+        return 0
 
     # ---- the loop ----------------------------------------------------------------------------------------
 
@@ -412,17 +456,14 @@ class Trainer:
                         bar.set_postfix(loss=f"{record['train/loss']:.4f}", refresh=False)
                 record.update({k: v.item() for k, v in norms.items()})
                 pause_start = time.perf_counter()  # checkpoint and eval time stay out of tokens/s
-                if done or stop or clock_due or _due(self.step, cfg.log_ckpt_every):
+                saved = done or stop or clock_due or _due(self.step, cfg.log_ckpt_every)
+                if saved:
                     window.check_finite(self.step)  # never checkpoint a diverged model
                     self.save(checkpoint_path(self.run_dir))
                 if cfg.eval_every > 0 and not stop and (done or _due(self.step, cfg.eval_every)):
-                    window.check_finite(self.step)
-                    eval_metrics = self.validate()
-                    record.update(eval_metrics)
-                    if world.is_main:
-                        say(
-                            f"step {self.step}: " + "  ".join(f"{k} {_fmt(v)}" for k, v in eval_metrics.items())
-                        )
+                    stop = self._validate_into(record, interruption, say)
+                    if stop and not saved:  # a signal abandoned the validation: checkpoint this step now
+                        self.save(checkpoint_path(self.run_dir))
                 window.exclude(time.perf_counter() - pause_start)
                 if record:
                     logger.log(self.step, self.elapsed(), record)
@@ -553,14 +594,54 @@ class Interruption:
             os.kill(os.getpid(), signum)
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+class _StopsOnSignal:
+    """Iterates over `loader`, first asking `voted_signal()` (a collective: every rank asks before the same
+    batch) and raising ValidationAbandoned when it returns a signal."""
+
+    def __init__(self, loader, voted_signal):
+        self.loader, self.voted_signal = loader, voted_signal
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        signum = self.voted_signal()
+        if signum:
+            raise ValidationAbandoned(signum)
+        return next(self.loader)
+
+
+def _loader_states_problem(states: list, step: int, streams: int) -> str | None:
+    """Why the saved loader states are not those the stream loaders write after `step` steps, or None.
+
+    Each process's loader has read one window per step and records [stream, book, offset] for each of its
+    streams; together they hold every one of the `streams` global streams once. (The loader itself then
+    checks each position against the data.)
+    """
+    seen = []
+    for rank, state in enumerate(states):
+        if not isinstance(state, dict) or not isinstance(state.get("streams"), list):
+            return f"of process {rank} is not a stream loader's state"
+        if type(state.get("windows")) is not int or state["windows"] != step:
+            return f"of process {rank} has read {reprlib.repr(state.get('windows'))} batches in {step} steps"
+        for position in state["streams"]:
+            if not (isinstance(position, list) and len(position) == 3 and all(_natural(x) for x in position)):
+                where = reprlib.repr(position)
+                return f"of process {rank} has a stream position {where}, not [stream, book, offset]"
+            seen.append(position[0])
+    if sorted(seen) != list(range(streams)):
+        return f"holds positions of streams {reprlib.repr(sorted(seen))}, not of each of the {streams} once"
+    return None
+
+
+def _natural(value) -> bool:
+    return type(value) is int and value >= 0
 
 
 def _merge_loader_states(states: list) -> dict:
     """One loader state holding the stream positions every process saved (it loads on any layout)."""
     merged = dict(states[0])
-    merged["streams"] = [stream for state in states for stream in state.get("streams", [])]
+    merged["streams"] = [stream for state in states for stream in state["streams"]]
     return merged
 
 
