@@ -25,6 +25,7 @@ from helpers import REPO_ROOT, exit_code, make_synthetic_corpus, tiny_run_args, 
 
 from languini import quickstart
 from languini.common_lib import atomic_io
+from languini.common_lib.errors import UserError
 from languini.common_lib.file_lock import LOCK_FILE
 from languini.dataset_lib.layout import corpus_identity, read_file_list, write_file_list
 from languini.projects.gpt import eval as gpt_eval
@@ -586,3 +587,12 @@ def test_absurd_seq_len_is_refused_before_allocating(synthetic_corpus, tmp_path,
     err = one_error_line(capsys)
     assert "needs at least" in err and "--seq_len" in err and not (tmp_path / "run").exists()
 
+
+
+def test_a_file_that_is_no_checkpoint_is_not_called_dangerous(tmp_path):
+    """Text or another format is a damaged file, not a pickle with code in it: the message must say so."""
+    path = tmp_path / "garbage.pt"
+    path.write_text("not a checkpoint\n")
+    with pytest.raises(UserError, match="is not a PyTorch checkpoint") as info:
+        ckpt.load_checkpoint(str(path))
+    assert "could run code" not in str(info.value)

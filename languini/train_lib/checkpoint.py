@@ -116,6 +116,8 @@ def load_checkpoint(path: str):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if not found and "Unsupported operand" in str(e):  # not a pickle at all: text, another format
+            raise UserError(f"cannot read checkpoint {path}: it is not a PyTorch checkpoint (damaged or another format)") from None
         named = f" ({found.group(1)})" if found else ""
         raise UserError(
             f"refusing to load {path}: it holds Python objects other than tensors and plain data{named}, "
