@@ -264,6 +264,13 @@ def test_resume_auto_starts_again_a_run_stopped_while_starting_up(run, capsys):
     assert "resumes" not in env  # a fresh start, not a resume
 
 
+def test_resume_without_config_json_is_refused_rather_than_unchecked(run, capsys):
+    data_root, run_dir = run
+    os.unlink(run_dir / "config.json")
+    assert run_main(tiny_args(data_root, run_dir, 3, "--resume", "auto", "--max_lr", "1")) == 2
+    assert "has a checkpoint but no config.json" in one_error_line(capsys)
+
+
 def test_resume_with_a_damaged_env_record_gives_one_line_and_a_missing_command_file_is_rewritten(run, capsys):
     data_root, run_dir = run
     env = (run_dir / "env.json").read_text()

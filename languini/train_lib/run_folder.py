@@ -254,8 +254,11 @@ def remove_stale_temp_files(run_dir: str) -> list[str]:
 def check_resume_config(run_dir: str, cfg):
     """A resumed run keeps its model, data and recipe; only RESUMABLE_CHANGES may differ from config.json."""
     path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
-        return
+    if not os.path.lexists(path):  # the checkpoint alone cannot say which settings may change
+        raise UserError(
+            f"{run_dir} has a checkpoint but no config.json, so its settings cannot be checked; restore "
+            "config.json, or start the run again with --overwrite"
+        )
     try:
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
