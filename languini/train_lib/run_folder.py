@@ -26,7 +26,7 @@ import zipfile
 import torch
 
 from languini.common_lib.atomic_io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from languini.common_lib.config import config_to_dict, save_config
+from languini.common_lib.config import config_to_dict, read_config_json, save_config
 from languini.common_lib.errors import UserError
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -259,13 +259,7 @@ def check_resume_config(run_dir: str, cfg):
             f"{run_dir} has a checkpoint but no config.json, so its settings cannot be checked; restore "
             "config.json, or start the run again with --overwrite"
         )
-    try:
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is unreadable ({type(e).__name__}); restore it or start the run again with --overwrite") from None
-    if not isinstance(saved, dict):
-        raise UserError(f"{path} does not hold a config (a JSON object); restore it or use --overwrite")
+    saved = read_config_json(path)
     current = config_to_dict(cfg)
     changed = [k for k in current if k in saved and saved[k] != current[k] and k not in RESUMABLE_CHANGES]
     if changed:
