@@ -147,6 +147,8 @@ def test_stateful_lstm_nano(tmp_path):
         ("Tesla T4", 65),
         ("CPU (x86_64, 2 threads)", None),
         ("NVIDIA GeForce RTX 4090", None),
+        ("NVIDIA RTX A1000", None),  # no A100: the pattern is a whole model number
+        ("NVIDIA RTX A1000 6GB Laptop GPU", None),
     ],
 )
 def test_peak_table_lookup(name, peak):

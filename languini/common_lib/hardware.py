@@ -6,11 +6,15 @@ Turing, which have no bf16). On the GeForce cards fp32 accumulation runs at half
 accumulation, so their figures are half of the headline fp16 ones: RTX 3090 71 (142 with fp16
 accumulation), RTX 3090 Ti 80 (160).
 
-Lookup is by a substring of the name `torch.cuda.get_device_name` returns, and the most specific
-(longest) matching pattern wins, whatever the order of the table: "NVIDIA H200 NVL" is an H200 NVL, not
-an H200 SXM ("NVIDIA H200"), and "NVIDIA GeForce RTX 3090 Ti" is not an RTX 3090. Unknown devices return
-None: callers say so, or take `--peak_tflops`.
+Lookup is by a pattern that appears in the name `torch.cuda.get_device_name` returns as a whole word (not
+inside a longer model number: "NVIDIA RTX A1000" is no A100), and the most specific (longest) matching
+pattern wins, whatever the order of the table: "NVIDIA H200 NVL" is an H200 NVL, not an H200 SXM ("NVIDIA
+H200"), and "NVIDIA GeForce RTX 3090 Ti" is not an RTX 3090. Unknown devices return None: callers say so,
+or take `--peak_tflops`. These are 16-bit peaks: an fp32 (TF32) run's MFU against them reads low, and the
+throughput tool says so.
 """
+
+import re
 
 # (substring of the device name, peak dense 16-bit tensor TFLOP/s with fp32 accumulation)
 PEAK_BF16_TFLOPS = [
@@ -31,8 +35,11 @@ PEAK_BF16_TFLOPS = [
 
 def peak_tflops(device_name: str) -> float | None:
     """Peak dense bf16 TFLOP/s of the named device (the longest matching pattern), or None when unknown."""
-    name = device_name.lower()
-    matches = [(len(pattern), tflops) for pattern, tflops in PEAK_BF16_TFLOPS if pattern.lower() in name]
+    matches = [
+        (len(pattern), tflops)
+        for pattern, tflops in PEAK_BF16_TFLOPS
+        if re.search(rf"(?<![a-z0-9]){re.escape(pattern.lower())}(?![a-z0-9])", device_name.lower())
+    ]
     return max(matches)[1] if matches else None
 
 

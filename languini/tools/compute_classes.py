@@ -101,10 +101,11 @@ SAME_PUBLISHED_THROUGHPUT = {"lstm": {"coupled"}}
 
 
 def modified_model_fields(project: str, cfg) -> list[str]:
-    """Config fields (outside the shared training fields, plus seq_len) that differ from the preset's,
+    """Config fields (outside the shared training fields, plus seq_len and the optimiser) that differ from the preset's,
     i.e. the reasons a preset's published throughput would not describe this config."""
     preset = load_project(project).preset_config(cfg.preset)
-    shared = {f.name for f in dataclasses.fields(TrainConfig)} - {"seq_len", "vocab_size"}
+    # the optimiser counts too: Muon's orthogonalisation costs time (and FLOPs) Adam's published step does not
+    shared = {f.name for f in dataclasses.fields(TrainConfig)} - {"seq_len", "vocab_size", "optimizer"}
     shared |= SAME_PUBLISHED_THROUGHPUT.get(project, set())
     return [
         f.name for f in dataclasses.fields(cfg) if f.name not in shared and getattr(cfg, f.name) != getattr(preset, f.name)

@@ -211,6 +211,8 @@ def format_results(r: dict) -> str:
     """The human-readable report of `measure`."""
     if r["mfu"] is not None:
         mfu = f"{r['mfu']:.1%} of {r['peak_tflops']:g} TFLOP/s"
+        if r["precision"] == "fp32":
+            mfu += " (a 16-bit tensor-core peak: an fp32/TF32 run cannot reach it)"
     else:
         mfu = "unknown device peak (--peak_tflops)"
     causal = r["flops_per_token_causal"] != r["flops_per_token"]
