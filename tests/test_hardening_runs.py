@@ -453,8 +453,9 @@ def test_resume_and_eval_refuse_another_corpus(run, capsys):
     assert run_eval(["--run_dir", str(run_dir)]) == 2
     assert "--allow_other_corpus" in one_error_line(capsys)
     assert run_eval(["--run_dir", str(run_dir), "--allow_other_corpus"]) == 0
-    result = json.loads((run_dir / "eval" / "test.json").read_text())
+    result = json.loads((run_dir / "eval" / "test@synth_256.json").read_text())
     assert result["other_corpus"] is True and result["corpus"] == corpus_identity(dataset)
+    assert not (run_dir / "eval" / "test.json").exists()  # never in the place of the run's own result
 
 
 def test_runs_without_a_recorded_corpus_are_accepted_with_a_warning(run, capsys):

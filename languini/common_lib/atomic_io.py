@@ -12,7 +12,7 @@ import tempfile
 import numpy as np
 
 
-def _current_umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -30,7 +30,7 @@ def atomic_open(path, mode="wb"):
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600 files; use the usual permissions
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; use the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -11,12 +11,13 @@ from languini.dataset_lib.layout import check_safe_name, read_meta, unfinished_s
 from languini.dataset_lib.prepare import (
     PrepareOptions,
     added_splits,
+    check_counts,
     os_error_message,
     prepare,
     print_summary,
 )
 from languini.dataset_lib.sources import books3, demo, folder, pg19, records
-from languini.dataset_lib.verify import verify_dataset
+from languini.dataset_lib.verify import not_a_dataset, verify_dataset
 
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 
@@ -124,6 +125,7 @@ def run_prepare(args) -> int:
         raise UserError(f"--workers must be at least 1 (got {args.workers})")
     if args.name is not None:  # the dataset folder <out>/<name>_<vocab> must stay inside --out
         check_safe_name(args.name, "--name")
+    check_counts(args.vocab_size, getattr(args, "max_books", None))
     vocab = args.vocab_size if args.vocab_size is not None or args.tokenizer else args.default_vocab
     out = args.out or os.path.join("data", folder.corpus_name(args.path))
     options = PrepareOptions(
@@ -171,7 +173,7 @@ def run_verify(path: str, progress: bool = True) -> int:
 def run_info(path: str) -> int:
     meta = read_meta(path)
     if not meta:
-        raise UserError(f"{path} has no meta.json (not a dataset made by `languini data prepare`)")
+        raise not_a_dataset(path, "has no meta.json (not a dataset made by `languini data prepare`)")
     print_summary(meta)
     source = {k: v for k, v in meta["source"].items() if v is not None}
     print(f"source: {source}")

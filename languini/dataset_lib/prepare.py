@@ -27,6 +27,7 @@ from languini.common_lib.errors import UserError
 from languini.common_lib.file_lock import exclusive_lock
 from languini.dataset_lib.integrity_test import file_sizes, integrity_hash
 from languini.dataset_lib.layout import (
+    END_OF_DOC,
     path_inside,
     read_file_list,
     read_meta,
@@ -43,6 +44,9 @@ from languini.dataset_lib.verify import compare_manifests
 
 FORMAT = 1
 MARKER = ".prepare-in-progress.json"
+# The smallest vocabulary the tokenizer can have: the special ids 0..2, SentencePiece's 256 byte-fallback
+# pieces and at least one character (a real corpus needs one piece per character it uses, a few dozen more).
+MIN_VOCAB_SIZE = END_OF_DOC + 1 + 256 + 1
 
 
 @dataclasses.dataclass
@@ -104,6 +108,16 @@ def os_error_message(e: OSError) -> UserError:
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
         return UserError(f"cannot write {where}: {e.strerror}; choose another --out")
     return UserError(f"cannot read or write {where}: {e.strerror or e}")
+
+
+def check_counts(vocab_size: int | None, max_books: int | None):
+    """Refuse a --vocab-size the tokenizer cannot have or a --max-books that is not a count of books, before
+    a source is opened or anything is written."""
+    if vocab_size is not None and vocab_size < MIN_VOCAB_SIZE:
+        raise UserError(f"--vocab-size must be at least {MIN_VOCAB_SIZE} (the special ids 0..{END_OF_DOC} and 256 "
+                        f"byte pieces, plus one per character of the books; e.g. 4096); got {vocab_size}")
+    if max_books is not None and max_books < 1:
+        raise UserError(f"--max-books must be at least 1 (leave it out to use every book); got {max_books}")
 
 
 def prepare(refs: list[BookRef], description: dict, opts: PrepareOptions) -> dict:

@@ -74,8 +74,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, num_threads: int = 1)
     except RuntimeError as e:
         if sentences.error is not None:
             raise sentences.error from None
+        reason = str(e).strip().splitlines()[-1]
+        fix = "larger" if "Increase vocab_size" in reason else "smaller"  # too few pieces for the characters
         raise UserError(f"SentencePiece could not train a {vocab_size}-token vocabulary on the train books "
-                        f"({str(e).strip().splitlines()[-1]}); try a smaller --vocab-size") from None
+                        f"({reason}); try a {fix} --vocab-size") from None
     return model.getvalue()
 
 

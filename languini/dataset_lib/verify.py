@@ -66,6 +66,16 @@ def check_contents(dataset_path: str, splits: list[str], vocab_size: int | None,
     return problems
 
 
+def not_a_dataset(path: str, why: str) -> UserError:
+    """The error for a path that is no dataset folder; a corpus folder (e.g. data/demo) names its datasets."""
+    if not os.path.isdir(path):
+        return UserError(f"no such folder: {path}")
+    folders = sorted(os.listdir(path))
+    datasets = [os.path.join(path, d) for d in folders if os.path.isfile(os.path.join(path, d, "meta.json"))]
+    hint = f"; it is a corpus folder: pass its dataset folder, {' or '.join(datasets)}" if datasets else ""
+    return UserError(f"{path} {why}{hint}")
+
+
 def verify_dataset(path: str, progress: bool = False) -> tuple[str, list[str]]:
     """(integrity hash now, problems); an empty problem list means the data is intact."""
     folder = hashed_folder(path)
@@ -75,7 +85,7 @@ def verify_dataset(path: str, progress: bool = False) -> tuple[str, list[str]]:
     if not meta:
         known = KNOWN_HASHES.get(os.path.basename(os.path.normpath(path)))
         if known is None:
-            raise UserError(f"{path} has no meta.json to compare with (its integrity hash is {digest})")
+            raise not_a_dataset(path, f"has no meta.json to compare with (its integrity hash is {digest})")
         problems = [] if digest == known else [f"hash {digest} differs from the published {known}"]
         splits = list_splits(data_root_of(path))  # whatever lists the original data came with
         return digest, problems + check_contents(path, splits, None, progress=progress)

@@ -6,10 +6,10 @@ unrounded), learning curves over tokens, training FLOPs and reference-GPU hours,
 against compute on log-log axes with a power law fitted per series (project, dataset and eval setting; one
 plot per dataset) and the points where two laws of one dataset cross (the paper's way of comparing scaling
 trends). Warns when the runs compared differ in dataset, vocabulary or eval setting (protocol, last_n,
-eval_streams, max_tokens), and when a law rests on two points only.
+eval_streams, max_tokens), and when a law rests on two points only. A --split no run was evaluated on, or
+a forced --x that a run cannot give, is refused in one line before anything is written.
 """
 
-import argparse
 import datetime
 import hashlib
 import itertools
@@ -22,6 +22,8 @@ import numpy as np
 
 from languini.common_lib.atomic_io import atomic_write_json, atomic_write_text
 from languini.common_lib.errors import UserError, exit_on_user_error
+from languini.common_lib.suggest import did_you_mean
+from languini.dataset_lib.cli import OneLineArgumentParser
 from languini.dataset_lib.layout import is_safe_name, path_inside
 from languini.report_lib.plots import EXTRAPOLATE_LIMIT, X_LABELS, plot_learning_curves, plot_scaling
 from languini.report_lib.runs import Run, eval_setting, load_runs, setting_label
@@ -72,6 +74,17 @@ def comparison_warnings(runs: list[Run]) -> list[str]:
     return warnings
 
 
+def split_warnings(runs: list[Run], split: str) -> list[str]:
+    """Refuse a --split that no run was evaluated on, naming the splits they were; warn about the runs
+    without it when others have it. Runs not evaluated at all have a warning of their own."""
+    splits = ordered_splits(runs)
+    if splits and split not in splits:
+        raise UserError(f"no run has results on split '{split}'{did_you_mean(split, splits)}; "
+                        f"the runs have: {', '.join(splits)}")
+    missing = [r.name for r in runs if r.evals and split not in r.evals]
+    return [f"no result on split '{split}' for {', '.join(missing)}: not in the scaling plot"] if missing else []
+
+
 def run_warnings(run: Run) -> list[str]:
     """Unfinished training, or an evaluation of another checkpoint than the last one logged."""
     warnings = []
@@ -118,27 +131,39 @@ def _is_finite(value) -> bool:
 
 
 def scaling_axis(scored: list[Run], x: str = "auto") -> tuple[str, str]:
-    """The compute axis of the scaling plot and a note when `auto` (or the asked axis) had to fall back:
-    reference-GPU hours when every run has a throughput, else training FLOPs, else tokens seen."""
+    """The compute axis of the scaling plot and a note when `auto` had to fall back: reference-GPU hours when
+    every run has a throughput, else training FLOPs, else tokens seen. An asked axis is forced: a run that
+    lacks what it needs is an error naming the run."""
     no_throughput = [r.name for r in scored if r.tokens_per_second <= 0]
     no_flops = [r.name for r in scored if r.flops_per_token is None]
-    if x in ("auto", "ref_gpu_hours") and not no_throughput:
+    if x == "ref_gpu_hours" and no_throughput:
+        raise UserError(
+            f"--x ref_gpu_hours needs every run's reference throughput, but tokens_per_second is 0 for "
+            f"{', '.join(no_throughput)}: train with --tokens_per_second N (`languini steps` prints it) or set "
+            "it in the run's config.json; or use --x flops"
+        )
+    if x == "flops" and no_flops:
+        raise UserError(f"--x flops needs every run's FLOP count, but it cannot be counted for {', '.join(no_flops)} "
+                        "(their project's model cannot be built); use --x tokens")
+    if x != "auto":
+        return x, ""
+    if not no_throughput:
         return "ref_gpu_hours", ""
-    if x in ("auto", "ref_gpu_hours", "flops") and not no_flops:
-        if x == "flops":
-            return "flops", ""
+    if not no_flops:
         return "flops", f"tokens_per_second is 0 for {', '.join(no_throughput)}: compute is training FLOPs"
-    if x == "tokens":
-        return "tokens", ""
-    missing = no_flops or no_throughput
-    return "tokens", f"no throughput or FLOP count for {', '.join(missing)}: compute falls back to tokens seen"
+    return "tokens", f"no throughput or FLOP count for {', '.join(no_flops)}: compute falls back to tokens seen"
+
+
+def scored_runs(runs: list[Run], split: str) -> list[Run]:
+    """The runs with a training budget and a normalised perplexity on `split`: the scaling plot's points."""
+    return [r for r in runs if r.tokens > 0 and _is_finite(r.evals.get(split, {}).get("normalised_ppl"))]
 
 
 def scaling_points(runs: list[Run], split: str, x: str = "auto"):
     """Per series, (compute, normalised ppl on `split`) of each evaluated run. A series is one project (and
     optimiser, see Run.model) on one dataset under one eval setting: a law is never fitted across datasets or settings. Returns
     (points, series -> (dataset, eval setting), x key, note)."""
-    scored = [r for r in runs if r.tokens > 0 and _is_finite(r.evals.get(split, {}).get("normalised_ppl"))]
+    scored = scored_runs(runs, split)
     x, note = scaling_axis(scored, x)
     datasets = {r.dataset for r in scored}
     settings = {eval_setting(r.evals[split]) for r in scored}
@@ -248,7 +273,7 @@ def scaling_section(laws, crossings, points, meta, x: str, split: str, note: str
     if note:
         lines += [f"Note: {note}.", ""]
     for dataset, name in files.items():
-        lines += [f"![scaling on {dataset}]({name})", ""]
+        lines += [f"![scaling{f' on {dataset}' if dataset else ''}]({name})", ""]
     if not laws:
         return lines + [
             "No power law fitted: a series (project and optimiser, dataset, eval setting) needs evaluated runs at "
@@ -316,11 +341,14 @@ def details_section(runs: list[Run]) -> list[str]:
 
 
 def build_report(runs: list[Run], out_dir: str, split: str = "test", x: str = "auto") -> dict:
-    """Write report.md, report.json and the plots into `out_dir`; return the report's data."""
+    """Write report.md, report.json and the plots into `out_dir`; return the report's data. A --split or
+    --x the runs cannot serve is refused before anything is written."""
+    missing_split = split_warnings(runs, split)
+    scaling_axis(scored_runs(runs, split), x)
     os.makedirs(out_dir, exist_ok=True)
     splits = ordered_splits(runs)
     rows = [run_row(r, splits) for r in runs]  # counts parameters and FLOPs first: their warnings join the run's
-    warnings = [w for r in runs for w in r.warnings + run_warnings(r)] + comparison_warnings(runs)
+    warnings = [w for r in runs for w in r.warnings + run_warnings(r)] + comparison_warnings(runs) + missing_split
 
     plot_learning_curves(runs, os.path.join(out_dir, CURVES_TOKENS), x="tokens", split=split)
     flops_note = plot_learning_curves(runs, os.path.join(out_dir, CURVES_FLOPS), x="flops", split=split)
@@ -346,7 +374,8 @@ def build_report(runs: list[Run], out_dir: str, split: str = "test", x: str = "a
             mine, {p: law for p, law in laws.items() if p in mine}, marks,
             path_inside(out_dir, files[dataset], "scaling plot"),
             x_label=X_LABELS[x], y_label=f"normalised perplexity ({split})", note=note,
-            title=f"normalised perplexity on '{split}' of {dataset} against compute", beyond=beyond,
+            title=f"normalised perplexity on '{split}'{f' of {dataset}' if dataset else ''} against compute",
+            beyond=beyond,
         )  # fmt: skip
 
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -404,20 +433,13 @@ def build_report(runs: list[Run], out_dir: str, split: str = "test", x: str = "a
     return data
 
 
-def _usage_error(message: str):
-    """argparse's mistakes as one `error: ...` line (exit code 2), like every other languini command."""
-    raise UserError(f"{message} (see languini report --help)")
-
-
 @exit_on_user_error
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="languini report",
         description="Compare runs: a markdown table, learning curves, and normalised perplexity against "
         "compute with a power law fitted per series (project and optimiser, dataset, eval setting).",
-        allow_abbrev=False,
     )
-    parser.error = _usage_error
     parser.add_argument(
         "run_dirs",
         nargs="+",
@@ -429,12 +451,15 @@ def main(argv=None):
     parser.add_argument(
         "--x", default="auto", choices=["auto", "ref_gpu_hours", "flops", "tokens"],
         help="compute axis of the scaling plot (default auto: reference-GPU hours when every run has a "
-        "throughput, else training FLOPs)",
+        "throughput, else training FLOPs; another choice is refused when a run lacks what it needs)",
     )  # fmt: skip
     args = parser.parse_args(argv)
 
     runs = load_runs(args.run_dirs)
-    data = build_report(runs, args.out, args.split, args.x)
+    try:
+        data = build_report(runs, args.out, args.split, args.x)
+    except OSError as e:
+        raise UserError(f"cannot write the report to {args.out}: {e.strerror or e}") from None
     for w in data["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
     print(results_table(data["runs"], ordered_splits(runs)))

@@ -1,5 +1,9 @@
 """Read run folders (config.json, metrics.jsonl, env.json, eval/<split>.json) for reports and plots.
 
+A bundle (`languini export`) is read like a run folder once it passes verification; one that fails it is
+refused in one line. A result scored on another corpus than the run's (`other_corpus`, e.g.
+eval/<split>@<dataset>.json) is not the run's result: it is left out with a warning.
+
 Runs may still be training, may have crashed, or may come from an older version: a missing or partly
 written file gives a warning on the run, never an exception, so a report over many runs always comes out.
 A metrics line whose numbers are not finite numbers (a string, `1e400`, NaN) is skipped with a warning; a
@@ -19,7 +23,9 @@ import numpy as np
 from languini.common_lib.config import apply_overrides
 from languini.common_lib.errors import UserError
 from languini.projects import load_project
+from languini.tools.export import check_bundle
 from languini.tools.flops import build_model, count_step_flops, param_counts
+from languini.train_lib.bundle import is_bundle
 
 RUN_MARKERS = ("config.json", "metrics.jsonl")
 GIT_KEYS = ("git_revision", "git_rev", "git_commit", "git", "revision", "commit")
@@ -307,12 +313,14 @@ def read_metrics(path: str, name: str, warnings: list[str]) -> list[dict]:
 
 
 def read_evals(run_dir: str, name: str, warnings: list[str]) -> dict[str, dict]:
-    """Every eval/<split>.json of the run, keyed by split name."""
+    """Every eval/<split>.json of the run, keyed by split name; results on another corpus are left out."""
     evals = {}
     for path in sorted(glob.glob(os.path.join(run_dir, "eval", "*.json"))):
         what = f"eval/{os.path.basename(path)}"
         data = _drop_bad_numbers(_read_json(path, what, warnings, name), EVAL_NUMBERS, what, warnings, name)
-        if data:
+        if data.get("other_corpus"):
+            warnings.append(f"{name}: {what} scored the run on another corpus than it trained on; not reported")
+        elif data:
             evals[str(data.get("split") or os.path.splitext(os.path.basename(path))[0])] = data
     return evals
 
@@ -321,6 +329,8 @@ def load_run(run_dir: str, name: str | None = None) -> Run:
     """Read one run folder; missing or damaged files become warnings on the returned run."""
     if not os.path.isdir(run_dir):
         raise UserError(f"no run folder at {run_dir}")
+    if is_bundle(run_dir):
+        check_bundle(run_dir)
     name = name or os.path.basename(os.path.normpath(run_dir))
     warnings: list[str] = []
     config = _read_json(os.path.join(run_dir, "config.json"), "config.json", warnings, name)

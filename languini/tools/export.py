@@ -7,7 +7,6 @@ a pickled object is refused, never executed. Verify checks a bundle (or its `.ta
 trusts it. See docs/sharing.md.
 """
 
-import argparse
 import contextlib
 import json
 import os
@@ -18,8 +17,9 @@ import tempfile
 
 import torch
 
-from languini.common_lib.atomic_io import atomic_open, atomic_write_text
+from languini.common_lib.atomic_io import atomic_open, atomic_write_text, current_umask
 from languini.common_lib.errors import UserError, exit_on_user_error
+from languini.dataset_lib.cli import OneLineArgumentParser
 from languini.dataset_lib.layout import corpus_identity
 from languini.projects import load_project
 from languini.tools.flops import count_step_flops, param_counts
@@ -100,8 +100,24 @@ def readme_text(name: str, config: dict, cfg, step: int, params: int, evals: dic
     return "\n".join(lines)
 
 
+def _move_into_place(work: str, out: str):
+    """Move the assembled bundle in `work` into the new folder `out`, its manifest last. `out` is created
+    exclusively, so a folder that appeared there meanwhile is refused, never replaced (renaming `work` over
+    it would silently replace an empty one); it gets the usual permissions (0o777 less the umask)."""
+    try:
+        os.mkdir(out)
+    except FileExistsError:
+        raise UserError(f"{out} appeared while the bundle was assembled; it was left as it is") from None
+    try:
+        for name in sorted(os.listdir(work), key=lambda name: name == bundle.MANIFEST):
+            os.rename(os.path.join(work, name), os.path.join(out, name))
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
 def export_run(run_dir: str, out: str, archive: bool = False) -> str:
-    """Write the bundle of `run_dir` to the new folder `out` (assembled aside, then renamed into place)."""
+    """Write the bundle of `run_dir` to the new folder `out` (assembled aside, then moved into place)."""
     if not os.path.isfile(os.path.join(run_dir, "config.json")):
         raise UserError(f"no run at {run_dir} (no config.json)")
     for path in [out] + ([archive_path(out)] if archive else []):
@@ -121,6 +137,7 @@ def export_run(run_dir: str, out: str, archive: bool = False) -> str:
         from safetensors.torch import save_file
 
         save_file(weights, os.path.join(work, bundle.WEIGHTS), metadata={"project": spec.name})
+        os.chmod(os.path.join(work, bundle.WEIGHTS), 0o666 & ~current_umask())  # safetensors writes 0600
         for name in RECORDS:
             src = os.path.join(run_dir, name)
             if os.path.isfile(src) and not os.path.islink(src):
@@ -147,10 +164,9 @@ def export_run(run_dir: str, out: str, archive: bool = False) -> str:
         )  # fmt: skip
         atomic_write_text(os.path.join(work, "README.md"), readme)
         atomic_write_text(os.path.join(work, bundle.MANIFEST), bundle.manifest_text(work))
-        os.rename(work, out)
-    except BaseException:
+        _move_into_place(work, out)
+    finally:
         shutil.rmtree(work, ignore_errors=True)
-        raise
     if archive:
         write_archive(out, archive_path(out))
     return out
@@ -217,10 +233,15 @@ def _verify_build(config: dict):
         raise UserError(f"the config of the bundle does not build its model: {e}") from None
 
 
+def check_bundle(folder: str):
+    """Refuse the bundle in `folder` in one line naming it when it fails verification (any project's)."""
+    bundle.check_bundle(folder, _verify_build)
+
+
 @exit_on_user_error
 def export_main(argv=None):
-    parser = argparse.ArgumentParser(prog="languini export", allow_abbrev=False,
-                                     description="Pack a trained run into a verifiable bundle for sharing.")  # fmt: skip
+    parser = OneLineArgumentParser(prog="languini export",
+                                   description="Pack a trained run into a verifiable bundle for sharing.")
     parser.add_argument("--run_dir", required=True, help="the run folder (config.json, checkpoints/latest.pt)")
     parser.add_argument("--out", required=True, help="the bundle folder to create (must not exist)")
     parser.add_argument("--archive", action="store_true", help="also write OUT.tar.gz")
@@ -236,8 +257,8 @@ def export_main(argv=None):
 
 @exit_on_user_error
 def verify_main(argv=None):
-    parser = argparse.ArgumentParser(prog="languini verify-bundle", allow_abbrev=False,
-                                     description="Check a bundle's hashes, contents and weights.")  # fmt: skip
+    parser = OneLineArgumentParser(prog="languini verify-bundle",
+                                   description="Check a bundle's hashes, contents and weights.")
     parser.add_argument("bundle", help="a bundle folder or its .tar.gz")
     args = parser.parse_args(argv)
     if not os.path.exists(args.bundle):

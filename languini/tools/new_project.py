@@ -7,7 +7,6 @@ bundles, downloads, BibTeX), and checks the name is a valid package name. Train 
 `torchrun --standalone languini/projects/NAME/main.py mini`. See docs/architecture.md.
 """
 
-import argparse
 import keyword
 import os
 import re
@@ -16,6 +15,7 @@ import sys
 import tempfile
 
 from languini.common_lib.errors import UserError, exit_on_user_error
+from languini.dataset_lib.cli import OneLineArgumentParser
 from languini.projects import PROJECTS_DIR, list_projects, project_dir
 
 SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", "throughput_results.csv", "logs", ".ipynb_checkpoints")
@@ -23,11 +23,19 @@ TEXT_SUFFIXES = (".py", ".md", ".txt", ".json", ".sh", ".toml", ".yaml", ".yml",
 
 
 def check_name(name: str, dest: str):
-    if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or keyword.iskeyword(name):
+    """Refuse a name that cannot be the package `languini.projects.<name>` (or would shadow a module of `dest`),
+    or whose folder exists, in one line saying which rule it breaks."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         raise UserError(
             f"invalid project name '{name}': use lowercase letters, digits and _ , starting with a letter "
             f"(it becomes the Python package languini.projects.{name})"
         )
+    if keyword.iskeyword(name):
+        raise UserError(f"invalid project name '{name}': it is a Python keyword, so `import "
+                        f"languini.projects.{name}` cannot be written; pick another name")
+    if os.path.exists(os.path.join(dest, f"{name}.py")):
+        raise UserError(f"invalid project name '{name}': the package would shadow the module "
+                        f"{os.path.join(dest, name)}.py; pick another name")
     if os.path.exists(os.path.join(dest, name)):
         raise UserError(
             f"{os.path.join(dest, name)} already exists; pick another name (nothing was overwritten)"
@@ -149,19 +157,11 @@ def _rewrite(path: str, rel: str, old: str, new: str):
         f.write(text)
 
 
-def _usage_error(message: str):
-    """argparse's mistakes as one `error: ...` line (exit code 2), like every other languini command."""
-    raise UserError(f"{message} (see languini new-project --help)")
-
-
 @exit_on_user_error
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="languini new-project",
-        description="Copy a project folder under a new name, ready to train.",
-        allow_abbrev=False,
+    parser = OneLineArgumentParser(
+        prog="languini new-project", description="Copy a project folder under a new name, ready to train."
     )
-    parser.error = _usage_error
     parser.add_argument("name", help="the new project's name (lowercase Python identifier)")
     parser.add_argument(
         "--from", dest="source", default="gpt", help=f"project to copy: {', '.join(list_projects())}"

@@ -28,7 +28,7 @@ from languini.dataset_lib.cli import OneLineArgumentParser
 from languini.dataset_lib.layout import END_OF_DOC
 from languini.dataset_lib.tokenizer_model import load_processor
 from languini.projects import load_project
-from languini.tools.export import meta_model
+from languini.tools.export import check_bundle
 from languini.train_lib import bundle
 from languini.train_lib.checkpoint import load_model_state, load_model_weights
 from languini.train_lib.run_folder import CHECKPOINT_NAME
@@ -142,6 +142,8 @@ def _check_options(args):
         raise UserError(f"--top_k must be 0 (all tokens) or more (got {args.top_k})")
     if args.run_dir and not os.path.isdir(args.run_dir):
         raise UserError(f"no run folder at {args.run_dir}")
+    if args.bundle and not os.path.isdir(args.bundle):
+        raise UserError(f"no bundle folder at {args.bundle} (--bundle is a folder written by `languini export`)")
     if args.bundle and args.checkpoint:
         raise UserError("--checkpoint applies to --run_dir; a bundle holds its own weights")
 
@@ -150,12 +152,13 @@ def _check_options(args):
 def main(argv=None):
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     _check_options(args)
-    folder = args.run_dir or args.bundle
-    config_path = os.path.join(folder, "config.json")
+    if args.bundle:
+        check_bundle(args.bundle)  # before anything of it is read
+    config_path = os.path.join(args.run_dir or args.bundle, "config.json")
     spec = load_project(run_project(config_path))
     cfg = spec.load_run_config(config_path)
     if args.bundle:
-        _, weights = bundle.load_bundle(args.bundle, meta_model)
+        weights = bundle.read_weights(args.bundle)
         checkpoint, default_tokenizer = args.bundle, os.path.join(args.bundle, "tokenizer.model")
     else:
         checkpoint = args.checkpoint or os.path.join(args.run_dir, "checkpoints", CHECKPOINT_NAME)

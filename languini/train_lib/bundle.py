@@ -5,6 +5,7 @@ the safe `safetensors` format instead of a pickled training checkpoint:
 
     model.safetensors   the weights only (no optimiser, RNG or loader state; loading runs no code)
     config.json metrics.jsonl env.json command.txt source.zip eval/<split>.json   as in the run folder
+                        (results on another corpus, eval/<split>@<dataset>.json, are not exported)
     corpus.json         the corpus identity (tokenizer and file-list hashes) the run trained on
     tokenizer.model     the corpus's SentencePiece model, when the run's dataset had one
     README.md           what it is, the results, the commands that reproduce them, how to verify
@@ -100,8 +101,14 @@ def _check_files(folder: str, problems: list[str]):
             problems.append(f"{rel} is missing from the bundle")
 
 
+def is_bundle(folder: str) -> bool:
+    """A folder holding a bundle's manifest or weights: it is verified before anything in it is trusted."""
+    return any(os.path.lexists(os.path.join(folder, name)) for name in (MANIFEST, WEIGHTS))
+
+
 def read_eval_results(folder: str) -> dict[str, dict]:
-    """The `eval/<split>.json` results in a run or bundle folder, by split (plain files that name a split)."""
+    """The `eval/<split>.json` results in a run or bundle folder, by split (plain files that name a split);
+    a result scored on another corpus than the run's (`other_corpus`) is not the run's own and is left out."""
     results = {}
     eval_dir = os.path.join(folder, "eval")
     for name in sorted(os.listdir(eval_dir)) if os.path.isdir(eval_dir) else []:
@@ -113,7 +120,7 @@ def read_eval_results(folder: str) -> dict[str, dict]:
                 data = json.load(f)
         except (OSError, ValueError):
             continue
-        if isinstance(data, dict) and name == f"{data.get('split')}.json":
+        if isinstance(data, dict) and name == f"{data.get('split')}.json" and not data.get("other_corpus"):
             results[data["split"]] = data
     return results
 
@@ -173,10 +180,15 @@ def verify_bundle(folder: str, build_model) -> list[str]:
     return problems
 
 
-def load_bundle(folder: str, build_model) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config dict, weights) of a verified bundle; a bundle with any problem is refused with one line."""
+def check_bundle(folder: str, build_model):
+    """Refuse a bundle with any problem in one line naming it (its first problem; verify-bundle lists all)."""
     problems = verify_bundle(folder, build_model)
     if problems:
         more = f" (and {len(problems) - 1} more: run `languini verify-bundle {folder}`)" if len(problems) > 1 else ""
         raise UserError(f"bundle {folder} failed verification: {problems[0]}{more}")
+
+
+def load_bundle(folder: str, build_model) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config dict, weights) of a verified bundle; a bundle with any problem is refused with one line."""
+    check_bundle(folder, build_model)
     return read_config_dict(folder), read_weights(folder)

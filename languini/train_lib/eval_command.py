@@ -14,7 +14,9 @@ loader's, batched. Both are recorded in the results. Any config flag overrides t
 --precision, --data_root). Under torchrun the work is split across the processes and the sums added.
 
 The checkpoint is read safely (tensors and plain data only). A run is scored only on the corpus it trained
-on (its recorded corpus identity) unless --allow_other_corpus is given, which the results then record.
+on (its recorded corpus identity) unless --allow_other_corpus is given; such a result goes to
+`eval/<split>@<dataset>.json`, never to the run's own `eval/<split>.json`, and records `other_corpus`.
+Every flag is checked before anything is printed or loaded.
 """
 
 import os
@@ -124,19 +126,30 @@ def _splits(dataset_path: str, data_root: str, requested: str) -> list[str]:
     return splits
 
 
-def _result_path(out_dir: str, split: str) -> str:
-    """`out_dir/eval/<split>.json`, refused if it would lead out of `out_dir/eval` (a crafted split name)."""
-    return layout.path_inside(os.path.join(out_dir, "eval"), f"{split}.json", "eval result")
+def _result_path(out_dir: str, split: str, other_dataset: str | None = None) -> str:
+    """`out_dir/eval/<split>.json`, or `<split>@<dataset>.json` for a result on another corpus than the run's
+    (so it never replaces, nor reads as, the run's own result); refused if it would lead out of
+    `out_dir/eval` (a crafted split name)."""
+    name = split if other_dataset is None else f"{split}@{other_dataset}"
+    return layout.path_inside(os.path.join(out_dir, "eval"), f"{name}.json", "eval result")
 
 
-def _load_bundle(spec: ProjectSpec, cfg, folder: str, device) -> tuple[torch.nn.Module, int | None, dict | None]:
-    """The model with a verified bundle's weights, the step its results were measured at, its corpus."""
+def _verified_bundle_weights(spec: ProjectSpec, folder: str) -> dict[str, torch.Tensor]:
+    """The weights of the bundle in `folder`, verified (hashes, contents, fit to this project's model) before
+    its config is read for anything else."""
 
-    def meta_model(config: dict):
+    def meta_model(_config: dict):
+        cfg = spec.load_run_config(os.path.join(folder, bundle.CONFIG))  # another project's bundle: one line
         with torch.device("meta"):
-            return spec.Model(spec.config_from_dict(config))
+            return spec.Model(cfg)
 
-    _, weights = bundle.load_bundle(folder, meta_model)
+    return bundle.load_bundle(folder, meta_model)[1]
+
+
+def _bundle_model(
+    spec: ProjectSpec, cfg, folder: str, weights: dict, device
+) -> tuple[torch.nn.Module, int | None, dict | None]:
+    """The model with the bundle's (verified) weights, the step its results were measured at, its corpus."""
     model = spec.Model(cfg)
     load_model_state(model, weights, folder)
     steps = [r.get("checkpoint_step") for r in bundle.read_eval_results(folder).values()]
@@ -198,8 +211,10 @@ def _format_table(rows: list[dict]) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
 
 
-def check_eval_options(protocol: str, max_tokens: int, eval_streams: int):
-    """One-line errors for --max_tokens and --eval_streams values that cannot be used."""
+def check_eval_options(protocol: str, max_tokens: int, eval_streams: int, last_n: int, seq_len: int):
+    """One-line errors for --max_tokens, --eval_streams and --last_n values that cannot be used."""
+    if protocol != "stateful" and not 0 < last_n <= seq_len:
+        raise UserError(f"--last_n must be in 1..seq_len ({seq_len}); got {last_n}")
     if max_tokens < 0:
         raise UserError(f"--max_tokens must be 0 (all tokens) or positive; got {max_tokens}")
     if max_tokens == 1:
@@ -246,11 +261,12 @@ def run_eval(spec: ProjectSpec, argv) -> int:
         return 0
     own, rest = split_tool_flags(argv, EVAL_FLAGS)
     config_path, checkpoint, out_dir = _locate(own)
+    weights = _verified_bundle_weights(spec, checkpoint) if own.get("bundle") else None
     cfg = spec.load_run_config(config_path)
-    cfg = apply_overrides(cfg, parse_flags(spec.Config, rest))
+    cfg = apply_overrides(cfg, parse_flags(spec.Config, rest, tuple(EVAL_FLAGS)))
     protocol, Model = spec.eval_protocol, spec.Model
     check_config(cfg)
-    check_eval_options(protocol, own["max_tokens"], own["eval_streams"])
+    check_eval_options(protocol, own["max_tokens"], own["eval_streams"], cfg.last_n, cfg.seq_len)
     dataset_path = layout.check_dataset(cfg.data_root, cfg.dataset, cfg.vocab_size)
     splits = _splits(dataset_path, cfg.data_root, cfg.eval_data_split)
     identity = layout.corpus_identity(dataset_path)
@@ -260,8 +276,8 @@ def run_eval(spec: ProjectSpec, argv) -> int:
     configure_device(device)
     init_distributed(world, device)
     try:
-        if own.get("bundle"):
-            model, step, recorded = _load_bundle(spec, cfg, checkpoint, device)
+        if weights is not None:
+            model, step, recorded = _bundle_model(spec, cfg, checkpoint, weights, device)
         else:
             model, step, recorded = _load_model(Model, cfg, checkpoint, device)
         run_dir = own.get("run_dir") or os.path.dirname(os.path.abspath(config_path))
@@ -270,6 +286,7 @@ def run_eval(spec: ProjectSpec, argv) -> int:
         other_corpus = _corpus_check(
             recorded, identity, dataset_path, own["allow_other_corpus"], own.get("run_dir") or checkpoint, world.is_main
         )
+        other_dataset = os.path.basename(os.path.normpath(dataset_path)) if other_corpus else None
         lengths = load_token_lengths(dataset_path, cfg.vocab_size)
         if world.is_main:
             print(f"evaluating {checkpoint} (step {step}) on {device}, {precision}, {world.size} process(es)")
@@ -294,7 +311,7 @@ def run_eval(spec: ProjectSpec, argv) -> int:
                 "seconds": round(time.time() - started, 3), "other_corpus": other_corpus, "corpus": identity,
             }  # fmt: skip
             if world.is_main:
-                atomic_write_json(_result_path(out_dir, split), result)
+                atomic_write_json(_result_path(out_dir, split, other_dataset), result)
             rows.append(result)
     finally:
         shutdown_distributed()
@@ -304,5 +321,6 @@ def run_eval(spec: ProjectSpec, argv) -> int:
             shared = bundle.read_eval_results(checkpoint)
             for row in rows:
                 print(_compare_with_bundle(row, shared.get(row["split"])))
-        print(f"results written to {os.path.join(out_dir, 'eval')}/")
+        other = f" as <split>@{other_dataset}.json (another corpus: the run's own results stay)" if other_dataset else ""
+        print(f"results written to {os.path.join(out_dir, 'eval')}/{other}")
     return 0
