@@ -360,3 +360,20 @@ def test_optimisers_are_separate_series_and_one_budget_gets_a_readable_axis(tmp_
     laws = {"b": fit_power_law(*points["b"])}
     labels = plot_scaling(points, laws, [], str(tmp_path / "law.png"), "FLOPs")
     assert "dotted: extrapolated beyond the measured range" in labels and len(labels) == 3
+
+
+def test_the_law_is_fitted_to_the_best_run_per_compute_level(tmp_path):
+    """A sweep's weaker runs at one compute level must neither pull the law nor move a crossing."""
+    from languini.report_lib.scaling import best_per_level, compute_levels
+
+    xs, ys = best_per_level([1.0, 2.0, 1.02, 2.05, 4.0], [5.0, 4.0, 4.5, 4.6, 3.5])
+    assert xs.tolist() == [1.02, 2.0, 4.0] and ys.tolist() == [4.5, 4.0, 3.5]
+    assert compute_levels([1.0, 1.04, 2.0, 2.2, 8.0]) == 4
+
+    best = [make_run(tmp_path, f"g{s}", steps=s, evals={"test": p}) for s, p in ((100, 4.0), (200, 3.5), (400, 3.2))]
+    weak = [make_run(tmp_path, f"w{s}", steps=s, evals={"test": p}) for s, p in ((100, 6.0), (200, 5.5))]
+    alone = report.build_report(load_runs(best), str(tmp_path / "best"))["scaling"]["laws"]["gpt"]
+    data = report.build_report(load_runs(best + weak), str(tmp_path / "all"))
+    law = data["scaling"]["laws"]["gpt"]
+    assert (law["a"], law["b"], law["compute_levels"]) == (alone["a"], alone["b"], 3)
+    assert any("best run at each of its 3 compute levels; 2 other run(s)" in w for w in data["warnings"])

@@ -15,7 +15,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullForma
 
 from languini.common_lib.atomic_io import atomic_write_bytes
 from languini.report_lib.runs import Run
-from languini.report_lib.scaling import PowerLaw
+from languini.report_lib.scaling import PowerLaw, compute_levels
 
 X_LABELS = {
     "step": "optimiser steps",
@@ -196,10 +196,10 @@ def plot_scaling(
             (dots,) = ax.plot(xs, ys, "o", label=series)
             if series not in laws:
                 continue
-            law, n = laws[series], len(np.unique(xs))
+            law, n = laws[series], compute_levels(xs)
             inside = np.geomspace(xs.min(), xs.max(), 50)
             style = ":" if n < 3 else "-"
-            what = f"{series} fit: {law}" + (" (2 points only: a line, not a trend)" if n < 3 else f" ({n} points)")
+            what = f"{series} fit: {law}" + (" (2 levels only: a line, not a trend)" if n < 3 else f" ({n} levels)")
             ax.plot(inside, law(inside), style, color=dots.get_color(), linewidth=1.2, label=what)
             for a, b in ((lo, xs.min()), (xs.max(), hi)):
                 if b > a:

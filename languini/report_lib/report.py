@@ -27,7 +27,7 @@ from languini.dataset_lib.cli import OneLineArgumentParser
 from languini.dataset_lib.layout import is_safe_name, path_inside
 from languini.report_lib.plots import EXTRAPOLATE_LIMIT, X_LABELS, plot_learning_curves, plot_scaling
 from languini.report_lib.runs import Run, eval_setting, load_runs, setting_label
-from languini.report_lib.scaling import crossing, fit_power_law
+from languini.report_lib.scaling import best_per_level, compute_levels, crossing, fit_power_law
 from languini.tools.compute_classes import COMPUTE_CLASS_HOURS
 
 CURVES_TOKENS = "curves_tokens.png"
@@ -185,11 +185,13 @@ def scaling_points(runs: list[Run], split: str, x: str = "auto"):
 
 
 def fit_scaling(points: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict[str, tuple] | None = None):
-    """A power law per series with two or more compute levels, and the crossing of every pair of laws on
-    the same dataset that scored the same tokens (same max_tokens); settings that differ otherwise (a GPT's
-    sliding window against an RNN's carried state) are named beside the crossing by the report."""
+    """A power law per series with two or more compute levels, fitted to the best run at each level, and the
+    crossing of every pair of laws on the same dataset that scored the same tokens (same max_tokens);
+    settings that differ otherwise (a GPT's sliding window against an RNN's carried state) are named beside
+    the crossing by the report."""
     meta = meta or {p: (None, None) for p in points}
-    laws = {p: fit_power_law(xs, ys) for p, (xs, ys) in points.items() if len(np.unique(xs)) >= 2}
+    frontiers = {p: best_per_level(xs, ys) for p, (xs, ys) in points.items()}
+    laws = {p: fit_power_law(*frontiers[p]) for p in points if len(frontiers[p][0]) >= 2}
     crossings = {}
     for p, q in itertools.combinations(sorted(laws), 2):
         (dp, sp), (dq, sq) = meta[p], meta[q]
@@ -199,13 +201,20 @@ def fit_scaling(points: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict[str
     return laws, crossings
 
 
-def two_point_warnings(points, laws) -> list[str]:
-    """A law through two compute levels is a line through two points, not a measured trend: say so."""
-    return [
-        f"the {p} law is fitted through 2 compute levels only: it passes through both points exactly and "
-        "says nothing about the trend; add runs at more compute levels"
-        for p in laws if len(np.unique(points[p][0])) == 2
-    ]  # fmt: skip
+def fit_warnings(points, laws) -> list[str]:
+    """What a reader of the laws must know: a law through two compute levels is a line through two points,
+    not a measured trend; runs left out because a better run shares their compute level."""
+    warnings = []
+    for p in laws:
+        levels = compute_levels(points[p][0])
+        if levels == 2:
+            warnings.append(f"the {p} law is fitted through 2 compute levels only: it passes through both points "
+                            "exactly and says nothing about the trend; add runs at more compute levels")
+        left_out = len(points[p][0]) - levels
+        if left_out:
+            warnings.append(f"the {p} law is fitted to the best run at each of its {levels} compute levels; "
+                            f"{left_out} other run(s) at those levels are plotted but not fitted")
+    return warnings
 
 
 def scaling_file(dataset: str | None, datasets: list) -> str:
@@ -282,14 +291,16 @@ def scaling_section(laws, crossings, points, meta, x: str, split: str, note: str
         ]
     rows = []
     for p, law in laws.items():
-        n = len(np.unique(points[p][0]))
+        n = compute_levels(points[p][0])
         dataset, setting = meta[p]
         kind = "2 points only: not a trend" if n == 2 else f"{n} compute levels"
         rows.append([p, str(dataset), setting_label(setting), str(len(points[p][0])), f"{law.a:.6g}", f"{law.b:.6g}",
                      kind])  # fmt: skip
     lines += [
         "Fitted y = a · x^b by least squares on log y against log x, per series (project and optimiser, "
-        "dataset, eval setting). A law through two compute levels passes through both points exactly: it is a line, not a trend.",
+        "dataset, eval setting), to the best run at each compute level (runs within 5% of one compute are one "
+        "level; the others are plotted, not fitted). A law through two compute levels passes through both points "
+        "exactly: it is a line, not a trend.",
         "",
         _md_table(["series", "dataset", "eval setting", "runs", "a", "b", "fit"], rows),
         "",
@@ -355,7 +366,7 @@ def build_report(runs: list[Run], out_dir: str, split: str = "test", x: str = "a
     hours_note = plot_learning_curves(runs, os.path.join(out_dir, CURVES_HOURS), x="ref_gpu_hours", split=split)
     points, meta, x, note = scaling_points(runs, split, x)
     laws, crossings = fit_scaling(points, meta)
-    warnings += two_point_warnings(points, laws)
+    warnings += fit_warnings(points, laws)
     datasets = sorted({d for d, _ in meta.values()}, key=str) or [None]
     files = {}
     for dataset in datasets:
@@ -418,7 +429,7 @@ def build_report(runs: list[Run], out_dir: str, split: str = "test", x: str = "a
             "files": {str(d): f for d, f in files.items()},
             "laws": {
                 p: {"a": law.a, "b": law.b, "dataset": meta[p][0], "eval_setting": setting_label(meta[p][1]),
-                    "compute_levels": int(len(np.unique(points[p][0])))}
+                    "compute_levels": compute_levels(points[p][0])}
                 for p, law in laws.items()
             },  # fmt: skip
             "crossings": [

@@ -1,4 +1,5 @@
-"""Power laws y = a * x**b, fitted by least squares in log space, and where two of them cross.
+"""Power laws y = a * x**b, fitted by least squares in log space to the best run per compute level, and
+where two of them cross.
 
 The paper compares models by their scaling trend: normalised perplexity against reference-GPU hours on
 log-log axes is close to a straight line, so a power law per model summarises it and two laws can be
@@ -33,6 +34,34 @@ def fit_power_law(x, y) -> PowerLaw:
         raise ValueError("a power law needs at least two distinct x values")
     b, log_a = np.polyfit(np.log(x), np.log(y), 1)
     return PowerLaw(a=float(np.exp(log_a)), b=float(b))
+
+
+LEVEL_TOLERANCE = 0.05  # runs of one budget differ by the rounding of their step counts, well under 5%
+
+
+def best_per_level(x, y, tolerance: float = LEVEL_TOLERANCE) -> tuple[np.ndarray, np.ndarray]:
+    """The run with the lowest y at each compute level, in order of x: the frontier a scaling law describes.
+
+    x values within `tolerance` (relative) of a level's smallest belong to that level. Several runs at one
+    level (a sweep, an ablation) would otherwise pull the law towards their mean, and a weak run could move
+    where two laws cross by orders of magnitude.
+    """
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    best: list[int] = []
+    anchor = None
+    for i in np.argsort(x, kind="stable"):
+        if anchor is not None and x[i] <= anchor * (1 + tolerance):
+            if y[i] < y[best[-1]]:
+                best[-1] = i
+            continue
+        anchor = x[i]
+        best.append(i)
+    return x[best], y[best]
+
+
+def compute_levels(x) -> int:
+    """How many compute levels (x values more than the tolerance apart) the points span."""
+    return len(best_per_level(x, np.zeros(len(x)))[0])
 
 
 def crossing(first: PowerLaw, second: PowerLaw) -> tuple[float, float] | None:
