@@ -421,3 +421,128 @@ def test_prepare_20_gutenberg_books(gutenberg_archive, tmp_path):
     assert verify_dataset(str(out / "gutenberg_4096"))[1] == []
     sample = np.load(out / "gutenberg_4096" / read_books(str(out / "gutenberg_4096"), "train")[0][0])
     assert len(sample) > 1000
+
+
+# --- held-out books with a train book's text ----------------------------------------------------------------
+
+from languini.dataset_lib.sources import BookRef  # noqa: E402
+from languini.dataset_lib.splits import assign_splits, held_out_duplicates, stable_hash  # noqa: E402
+from languini.dataset_lib.tokenise_books import BookResult  # noqa: E402
+
+# With --test-fraction 0.25 the id hash puts pg105, pg106 and pg108 in test; `copy0`, `copy25`, `copy29` and
+# `copy33` land in test too, `copy1` and `copy2` in train (checked in the test). Copy -> the book it copies:
+COPIES = {"copy0": 0, "copy25": 1, "copy33": 3, "copy29": 5, "copy1": 6, "copy2": 2}
+HASH_TEST = {"pg105", "pg106", "pg108", "copy0", "copy25", "copy29", "copy33"}
+
+
+def make_books_with_copies(path) -> str:
+    """make_books' 12 books plus byte-identical copies under other names (copy33's with LF line ends: the
+    same text once cleaned)."""
+    books = make_books(path)
+    for name, i in COPIES.items():
+        text = book_text(i).replace("\r\n", "\n") if name == "copy33" else book_text(i)
+        with open(os.path.join(books, f"{name}.txt"), "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+    return books
+
+
+def cleaned_sha(book_id: str) -> str:
+    i = COPIES.get(book_id, int(book_id[2:]) - 100 if book_id.startswith("pg") else None)
+    return hashlib.sha256(folder.clean_gutenberg(book_text(i)).encode("utf-8")).hexdigest()
+
+
+def ids_of(data_root: str, split: str) -> list[str]:
+    return [rel[len("files/"):-len(".npy")] for rel, _ in read_file_list(data_root, split)]
+
+
+def test_held_out_copies_of_train_books_are_dropped(tmp_path, capsys):
+    assert {b for b in [f"pg{100 + i}" for i in range(12)] + list(COPIES) if stable_hash(b) < 0.25} == HASH_TEST
+    data_root = str(tmp_path / "out")
+    meta = run_folder(make_books_with_copies(tmp_path / "books"), data_root)
+    err = capsys.readouterr().err
+    train, test = ids_of(data_root, "train"), ids_of(data_root, "test")
+    # train stays as the id hash made it (its copies included); test keeps only text that is not trained on
+    assert set(train) == ({f"pg{100 + i}" for i in range(12)} | set(COPIES)) - HASH_TEST
+    train_shas = {cleaned_sha(b) for b in train}
+    test_shas = [cleaned_sha(b) for b in test]
+    assert test and train_shas.isdisjoint(test_shas) and len(set(test_shas)) == len(test_shas)
+    # pg106 (copied by the train book copy1), copy0/copy25/copy33 (copies of train books), and the later one
+    # (in data order, by id hash) of pg105 and its copy copy29
+    later = max(["pg105", "copy29"], key=stable_hash)
+    assert set(test) == {"pg108", "pg105", "copy29"} - {later}
+    assert set(meta["duplicates"]) == {"pg106", "copy0", "copy25", "copy33", later}
+    assert meta["duplicates"]["pg106"] == {"split": "test", "same_as": "copy1", "same_as_split": "train"}
+    assert meta["duplicates"][later]["same_as_split"] == "test"
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: dropped 5 held-out book(s)")
+    assert len([b for b in meta["duplicates"] if f"'{b}'" in warnings[0]]) == 3 and ", ..." in warnings[0]
+    # the recorded statistics, hashes and manifest describe the final lists; dropped token files are gone
+    dataset_path = os.path.join(data_root, meta["dataset"])
+    for split, ids in (("train", train), ("test", test)):
+        rows = read_books(dataset_path, split)
+        assert meta["splits"][split]["books"] == len(ids) == len(rows)
+        assert meta["splits"][split]["tokens"] == sum(n for _, n in rows)
+        assert set(meta["book_sha256"][split]) == {f"files/{b}.npy" for b in ids}
+    assert sorted(meta["files"]) == sorted(f"files/{b}.npy" for b in train + test)
+    assert not any(os.path.exists(os.path.join(dataset_path, "files", f"{b}.npy")) for b in meta["duplicates"])
+    assert verify_dataset(dataset_path)[1] == []
+    assert meta["source"]["books"] == 18
+
+
+def test_held_out_duplicates_resume_and_rerun_give_the_same_dataset(tmp_path, monkeypatch, capsys):
+    books = make_books_with_copies(tmp_path / "books")
+    whole = run_folder(books, tmp_path / "whole")
+    real = prepare_module.tokenise_books
+
+    def crash_after_five(*args, **kwargs):
+        for i, result in enumerate(real(*args, **kwargs)):
+            if i == 5:
+                raise KeyboardInterrupt
+            yield result
+
+    monkeypatch.setattr(prepare_module, "tokenise_books", crash_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        run_folder(books, tmp_path / "resumed")
+    monkeypatch.setattr(prepare_module, "tokenise_books", real)
+    resumed = run_folder(books, tmp_path / "resumed")
+    assert resumed["integrity_sha256"] == whole["integrity_sha256"]
+    assert resumed["duplicates"] == whole["duplicates"] and resumed["splits"] == whole["splits"]
+    for split in ("train", "test"):
+        assert ids_of(str(tmp_path / "resumed"), split) == ids_of(str(tmp_path / "whole"), split)
+    capsys.readouterr()
+    monkeypatch.setattr(prepare_module, "tokenise_books", lambda *a, **k: pytest.fail("re-tokenised"))
+    assert run_folder(books, tmp_path / "whole") == whole  # a finished run is still a no-op
+    assert "already prepared" in capsys.readouterr().out
+    monkeypatch.setattr(prepare_module, "tokenise_books", real)
+    dataset_path = os.path.join(str(tmp_path / "whole"), whole["dataset"])
+    os.remove(os.path.join(dataset_path, "files", "pg108.npy"))  # damage: the repair drops the same books
+    repaired = run_folder(books, tmp_path / "whole")
+    assert repaired["integrity_sha256"] == whole["integrity_sha256"]
+    assert repaired["duplicates"] == whole["duplicates"]
+
+
+def test_corpus_without_duplicates_prepares_as_before(prepared, tmp_path, capsys):
+    data_root, dataset_path, meta = prepared
+    assert "duplicates" not in meta
+    assert ids_of(data_root, "test") == ["pg108", "pg105", "pg106"]  # all hash-test books, in hash order
+    with folder.open_books(make_books(tmp_path / "books")) as (refs, _):
+        splits = assign_splits(refs, 0.25)
+    for split in ("train", "test"):
+        assert [rel for rel, _ in read_file_list(data_root, split)] == [r.token_file for r in splits[split]]
+    run_folder(make_books(tmp_path / "books2"), tmp_path / "again")
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_held_out_duplicates_keeps_train_and_the_first_held_out_copy():
+    ref = lambda book_id, **kw: BookRef(book_id=book_id, path="", clean=str, size=0, **kw)  # noqa: E731
+    a, b, c, d, e, f = (ref(x) for x in "abcdef")
+    text = {"a": "x", "b": "x", "c": "x", "d": "y", "e": "y", "f": "z"}
+    splits = {"train": [a, b], "test": [d, c, e], "validation": [f, ref("g")]}
+    text["g"] = "y"  # in another held-out split than d: kept (only train and its own split are compared)
+    found = held_out_duplicates(splits, lambda r: text[r.book_id])
+    assert found == [("test", c, a), ("test", e, d)]
+    # books3-style rows (an original list count) are reported but kept
+    results = {r.book_id: BookResult(r.book_id, tokens=1, sha256=text[r.book_id]) for rs in splits.values() for r in rs}
+    fixed = {"train": [a], "test": [ref("c", list_count=5)]}
+    kept, dropped = prepare_module.drop_held_out_duplicates(fixed, results, "/nonexistent")
+    assert kept == fixed and dropped == {}

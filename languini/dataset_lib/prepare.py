@@ -8,6 +8,21 @@ The corpus folder is locked (`common_lib.file_lock`) while a preparation writes 
 meta.json records a content hash of every book (`book_sha256`: split -> token file -> SHA-256 of the
 cleaned text), which `add_split` compares with the train books. Splits added later by `add_split` (their
 entry in `splits` has an `added` record) are kept when a re-run of prepare repairs the dataset.
+
+The same hashes keep trained-on text out of the held-out splits: a held-out book (of `test` or any other
+split but `train`) whose content hash equals a train book's is dropped, and of several held-out books with
+the same content in one split only the first (in data order) is kept; train stays as assigned. The hash is
+the SHA-256 of the cleaned UTF-8 text (the text that is tokenised, as `tokenise_books` records it), so
+copies that differ only in what the source's cleaning removes (for Gutenberg books: the licence header and
+footer, CRLF line ends, outer blank lines) count as the same book; no further normalisation is done, so any
+other difference (a changed word, re-wrapped lines, other whitespace or Unicode forms) makes two books
+different. A dropped book is tokenised like the others (its hash comes from that) and then its token file
+is deleted; the dropped books are listed in meta.json (`duplicates`: book id -> its split and the book it
+repeats), and the file lists, counts, `splits` statistics, `book_sha256` and file manifest describe the
+books that remain. The fingerprint is that of the assigned splits and the choice depends only on the
+books' texts and the split order, so an interrupted run resumes, a finished one is still a no-op, and a
+repair drops the same books. Books of a source's own split lists kept unchanged (books3 `--split-lists`,
+whose lists and token counts reproduce the published ones) are never dropped: overlaps are only reported.
 """
 
 import dataclasses
@@ -37,7 +52,7 @@ from languini.dataset_lib.layout import (
     write_split_counts,
 )
 from languini.dataset_lib.sources import BadBook, BookRef, load_text
-from languini.dataset_lib.splits import assign_splits, choose_subset
+from languini.dataset_lib.splits import assign_splits, choose_subset, held_out_duplicates
 from languini.dataset_lib.tokenise_books import tokenise_books
 from languini.dataset_lib.tokenizer_model import SETTINGS, load_processor, model_file_bytes, train_tokenizer
 from languini.dataset_lib.verify import compare_manifests
@@ -285,7 +300,7 @@ def _prepare(refs: list[BookRef], description: dict, opts: PrepareOptions) -> di
             "test_fraction": None if source_splits else opts.test_fraction,
             "splits": {**built["splits"], **{name: a["stats"] for name, a in added.items()}},
             "book_sha256": {**built["book_sha256"], **{name: a["book_sha256"] for name, a in added.items()}},
-            "skipped": built["skipped"]})
+            "skipped": built["skipped"], **({"duplicates": built["duplicates"]} if built["duplicates"] else {})})
     print_summary(meta)
     return meta
 
@@ -309,6 +324,7 @@ def _build(splits: dict[str, list[BookRef]], dataset_path: str, opts: PrepareOpt
         if result.skipped:
             bad(result.book_id, result.skipped)
         results[result.book_id] = result
+    splits, duplicates = drop_held_out_duplicates(splits, results, dataset_path)
     kept_by_split, stats = split_stats(splits, results)
     write_lists(opts.out, dataset_path, kept_by_split)
     return {
@@ -317,7 +333,52 @@ def _build(splits: dict[str, list[BookRef]], dataset_path: str, opts: PrepareOpt
         "splits": stats,
         "book_sha256": book_hashes(kept_by_split),
         "skipped": bad.skipped,
+        "duplicates": duplicates,
     }
+
+
+def _examples(found: list, home: dict) -> str:
+    """Up to 3 of the held-out duplicates, as `split 'id' = split 'id'`."""
+    shown = ", ".join(f"{split} '{ref.book_id}' = {home[id(other)]} '{other.book_id}'"
+                      for split, ref, other in found[:3])
+    return shown + (", ..." if len(found) > 3 else "")
+
+
+def drop_held_out_duplicates(splits: dict[str, list[BookRef]], results: dict,
+                             dataset_path: str) -> tuple[dict[str, list[BookRef]], dict]:
+    """(the splits without the held-out books whose content is a train book's or repeats one of their split,
+    book id -> {"split", "same_as", "same_as_split"} of the dropped books); their token files are deleted.
+
+    Only usable books are compared (their content hash comes from tokenising). Books with a file-list row
+    of their own (books3 `--split-lists`) are kept: the original lists are reproduced unchanged.
+    """
+    usable = {split: [r for r in refs if not results[r.book_id].skipped] for split, refs in splits.items()}
+    found = held_out_duplicates(usable, lambda r: results[r.book_id].sha256)
+    home = {id(r): split for split, refs in splits.items() for r in refs}
+    fixed = [f for f in found if f[1].list_count is not None]
+    found = [f for f in found if f[1].list_count is None]
+    if fixed:
+        print(f"warning: {len(fixed)} held-out book(s) of the given split lists have the same text as a train "
+              f"book or an earlier book of their split ({_examples(fixed, home)}); kept, as the lists are "
+              f"reproduced unchanged", file=sys.stderr)
+    if not found:
+        return splits, {}
+    print(f"warning: dropped {len(found)} held-out book(s) with the same text as a train book or as an earlier "
+          f"book of their split ({_examples(found, home)}): testing on trained-on text measures memorisation; "
+          f"train is unchanged, the dropped books are listed in meta.json under `duplicates`", file=sys.stderr)
+    dropped = {id(ref) for _, ref, _ in found}
+    kept = {split: [r for r in refs if id(r) not in dropped] for split, refs in splits.items()}
+    for split in dict.fromkeys(split for split, _, _ in found):
+        if not any(not results[r.book_id].skipped for r in kept[split]):
+            raise UserError(f"the {split} split has no books left: each of its usable books has the same text as a "
+                            f"train book or another of its books; add books with other texts")
+    in_use = {r.token_file for refs in kept.values() for r in refs}
+    for _, ref, _ in found:
+        path = os.path.join(dataset_path, ref.token_file)
+        if ref.token_file not in in_use and os.path.isfile(path):
+            os.remove(path)
+    return kept, {ref.book_id: {"split": split, "same_as": other.book_id, "same_as_split": home[id(other)]}
+                  for split, ref, other in found}
 
 
 def book_hashes(kept_by_split: dict) -> dict:
@@ -369,3 +430,5 @@ def print_summary(meta: dict):
         print(f"  {split:<12}{s['books']:>8,}{s['tokens']:>15,}{s['text_bytes'] / 1e6:>10.2f}")
     if meta.get("skipped"):
         print(f"  skipped {len(meta['skipped'])} unusable book(s), listed in meta.json")
+    if meta.get("duplicates"):
+        print(f"  dropped {len(meta['duplicates'])} held-out book(s) repeating a train book's text, listed in meta.json")

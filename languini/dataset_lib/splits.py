@@ -1,9 +1,14 @@
-"""Deterministic, disjoint train/test splits from a stable hash of each book's id (or author)."""
+"""Deterministic, disjoint train/test splits from a stable hash of each book's id (or author), and the
+held-out books to drop because their content is a train book's (or repeats one of their own split)."""
 
 import hashlib
+from collections.abc import Callable
+from typing import TypeVar
 
 from languini.common_lib.errors import UserError
 from languini.dataset_lib.sources import BookRef
+
+T = TypeVar("T")
 
 
 def stable_hash(key: str) -> float:
@@ -53,3 +58,28 @@ def assign_splits(refs: list[BookRef], test_fraction: float, split_by: str = "bo
         "train": [r for r in order if _group_key(r, split_by) not in test_groups],
         "test": [r for r in order if _group_key(r, split_by) in test_groups],
     }
+
+
+def held_out_duplicates(splits: dict[str, list[T]], content_hash: Callable[[T], str],
+                        train: str = "train") -> list[tuple[str, T, T]]:
+    """The held-out books whose content is already in the data: (split, book, the book it repeats).
+
+    A book of a split other than `train` repeats a train book with the same content hash, or else an
+    earlier book (in data order) of its own split; the first copy of a held-out book is kept, and train
+    books are never returned (the train split stays as assigned). The hash splits by id, so the same text
+    under two ids (a re-issue, a copied file) could otherwise be trained on and then tested. Deterministic:
+    it follows the splits' order. Books of different held-out splits are not compared with each other.
+    """
+    in_train: dict[str, T] = {}
+    for book in splits.get(train, []):
+        in_train.setdefault(content_hash(book), book)
+    found = []
+    for split, books in splits.items():
+        if split == train:
+            continue
+        seen = dict(in_train)
+        for book in books:
+            first = seen.setdefault(content_hash(book), book)
+            if first is not book:
+                found.append((split, book, first))
+    return found
