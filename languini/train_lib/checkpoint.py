@@ -183,7 +183,7 @@ def check_scheduler_state(state, scheduler, path: str, step: int):
     scheduler's class defaults, flags newer torch versions added, may be absent) and `last_epoch`, which
     the trainer advances once per step from 0, must equal `step`.
     """
-    for name, live, saved in _scheduler_parts(scheduler, state, path):
+    for name, live, saved in _muon_and_adam_parts(scheduler, MuonWithAdamLR, state, path, "schedule"):
         if not isinstance(saved, dict):
             raise UserError(f"{path} is damaged: its {name} state is a {type(saved).__name__}, not a dict")
         live_state = live.state_dict()
@@ -194,16 +194,17 @@ def check_scheduler_state(state, scheduler, path: str, step: int):
             raise UserError(f"{path} does not fit this run: its {name} state {problem}")
 
 
-def _scheduler_parts(scheduler, state, path: str) -> list:
-    """(name, scheduler, saved state) of each schedule inside `scheduler` (two for a MuonWithAdamLR)."""
-    if not isinstance(scheduler, MuonWithAdamLR):
-        return [("schedule", scheduler, state)]
+def _muon_and_adam_parts(live, combined: type, state, path: str, what: str) -> list:
+    """(name, part, saved state) of each part of `live`: its Adam and its Muon when it is a `combined` one
+    (MuonWithAdam, MuonWithAdamLR), else itself alone."""
+    if not isinstance(live, combined):
+        return [(what, live, state)]
     if not isinstance(state, dict) or set(state) != {"adam", "muon"}:
-        raise UserError(f"{path} does not fit this run: its schedule is not the one of a Muon + Adam run")
-    return [
-        ("Adam schedule", scheduler.adam, state["adam"]),
-        ("Muon schedule", scheduler.muon, state["muon"]),
-    ]
+        raise UserError(
+            f"{path} does not fit this run: its {what} state is not a Muon + Adam one "
+            "(was the run trained with --optimizer adam?)"
+        )
+    return [(f"Adam {what}", live.adam, state["adam"]), (f"Muon {what}", live.muon, state["muon"])]
 
 
 def check_optimizer_state(checkpoint: dict, optimizer, path: str):
@@ -218,27 +219,12 @@ def check_optimizer_state(checkpoint: dict, optimizer, path: str):
     optimiser must hold a state, except in an fp16 run, whose grad scaler may have skipped every update.
     """
     stepped = checkpoint["step"] > 0 and checkpoint.get("scaler") is None
-    for name, live, saved in _optimizer_parts(optimizer, checkpoint["optimizer"], path):
+    for name, live, saved in _muon_and_adam_parts(optimizer, MuonWithAdam, checkpoint["optimizer"], path, "optimizer"):
         problem = _optimizer_problem(saved, live)
         if problem is None and stepped and not saved["state"]:
             problem = f"is empty after {checkpoint['step']} steps"
         if problem:
             raise UserError(f"{path} does not fit this run: its {name} state {problem}")
-
-
-def _optimizer_parts(optimizer, state, path: str) -> list:
-    """(name, torch optimiser, saved state) of each optimiser inside `optimizer` (two for a MuonWithAdam)."""
-    if not isinstance(optimizer, MuonWithAdam):
-        return [("optimizer", optimizer, state)]
-    if not isinstance(state, dict) or set(state) != {"adam", "muon"}:
-        raise UserError(
-            f"{path} does not fit this run: its optimizer state is not a Muon + Adam one "
-            "(was the run trained with --optimizer adam?)"
-        )
-    return [
-        ("Adam optimizer", optimizer.adam, state["adam"]),
-        ("Muon optimizer", optimizer.muon, state["muon"]),
-    ]
 
 
 def _optimizer_problem(saved, live: torch.optim.Optimizer) -> str | None:
