@@ -206,17 +206,19 @@ def test_symlinked_checkpoints_folder_is_refused(run, tmp_path, capsys):
     assert (other / "checkpoints" / "latest.pt").read_bytes() == before
 
 
-def test_exp_name_must_be_a_folder_name(synthetic_corpus, tmp_path, capsys, monkeypatch):
+def test_exp_name_must_stay_below_the_projects_runs(synthetic_corpus, tmp_path, capsys, monkeypatch):
     """Threat: `--exp_name ../../x` (or an absolute path) writing, and with --overwrite deleting, outside runs/."""
     data_root, _ = synthetic_corpus
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    for name in ("../../escaped", str(tmp_path / "abs"), "..", "a/b"):
+    for name in ("../../escaped", str(tmp_path / "abs"), "..", "a/../../b", "a//b"):
         args = [a for a in tiny_args(data_root, "unused", 1) if a not in ("--run_dir", "unused")]
         assert run_main([*args, "--exp_name", name]) == 2
-        assert "--exp_name must be a folder name" in one_error_line(capsys)
+        assert "--exp_name must name a folder below runs/<project>/" in one_error_line(capsys)
     assert os.listdir(work) == [] and not (tmp_path / "escaped").exists() and not (tmp_path / "abs").exists()
+    assert run_main([*args, "--exp_name", "study/nested"]) == 0  # nested names stay below runs/<project>/
+    assert (work / "runs" / "gpt" / "study" / "nested" / "checkpoints" / "latest.pt").is_file()
 
 
 def test_hard_link_as_lock_file_is_refused_and_its_target_kept(run, tmp_path, capsys):

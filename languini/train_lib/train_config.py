@@ -128,9 +128,10 @@ def check_config(cfg):
     require(math.isfinite(minutes) and minutes >= 0, f"--ckpt_every_minutes must be a finite number >= 0 (0 = off), got {minutes}")
     for name in ("eval_every", "log_terminal_every", "log_metrics_every", "log_grads_every", "log_ckpt_every"):
         require(getattr(cfg, name) >= 0, f"--{name} must be >= 0 (0 = never), got {getattr(cfg, name)}")
-    exp = cfg.exp_name
-    plain = "/" not in exp and "\\" not in exp and "\0" not in exp and exp not in (".", "..")
-    require(plain, f"--exp_name must be a folder name (no '/', not '.' or '..'), got '{exp}'; use --run_dir for a path")
+    parts = cfg.exp_name.split("/")  # nested names (study/gpt_3e12) are folders below runs/<project>/
+    inside = not cfg.exp_name or (all(p not in ("", ".", "..") for p in parts) and not {"\\", "\0"} & set(cfg.exp_name))
+    require(inside, f"--exp_name must name a folder below runs/<project>/ (no '..', no leading '/'), got "
+                    f"'{cfg.exp_name}'; use --run_dir for a path elsewhere")
     shared = {f.name for f in dataclasses.fields(TrainConfig)}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
