@@ -61,7 +61,8 @@ USAGE = """usage: eval.py --run_dir DIR [--checkpoint PATH] [--eval_data_split S
   --bundle DIR           a bundle from `languini export` (verified first); results go to DIR.eval/ and are
                          compared with the bundle's own eval/ results
   --eval_data_split S    a split name, or 'all' for every test split present (default: the config's, 'test')
-  --last_n N             GPT sliding window: tokens scored at the end of each window (default 128)
+  --last_n N             GPT sliding window: tokens scored at the end of each window (default: the
+                         run's config, 128 of 512 in the full presets, 32 of 128 in nano)
   --test_batch_size N    windows per forward pass
   --max_tokens N         score only the first N tokens of each split's stream, books in file-list order
                          (default 0: all); recorded in the JSON with the n_tokens scored
