@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from languini.common_lib.errors import UserError, exit_on_user_error
+from languini.common_lib.errors import OneLineArgumentParser, UserError, exit_on_user_error
 from languini.dataset_lib.layout import check_dataset
 from languini.projects import load_project
 from languini.report_lib.plots import plot_learning_curves
@@ -100,19 +100,12 @@ def train_flags(cfg, out: str, steps: int, device: str) -> list[str]:
     return [PRESET] + [part for name, value in flags.items() for part in (f"--{name}", str(value))]
 
 
-def _usage_error(message: str):
-    """argparse's mistakes as one `error: ...` line (exit code 2), like every other languini command."""
-    raise UserError(f"{message} (see languini quickstart --help)")
-
-
 @exit_on_user_error
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="languini quickstart",
         description="Prepare the demo corpus, train the `nano` preset on CPU, evaluate it, plot its loss.",
-        allow_abbrev=False,
     )
-    parser.error = _usage_error
     parser.add_argument(
         "--steps", type=int, default=DEFAULT_STEPS, help=f"training steps (default {DEFAULT_STEPS})"
     )

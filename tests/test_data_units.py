@@ -194,3 +194,12 @@ def test_a_book_can_be_a_slice_of_a_file(tmp_path):
     path.write_bytes(b"first bookSECOND")
     ref = BookRef(book_id="b", path=str(path), clean=str.strip, size=6, offset=10, length=6, label="x.jsonl line 2")
     assert read_raw(ref) == b"SECOND" and ref.origin == "x.jsonl line 2"
+
+
+def test_integrity_test_mistakes_are_one_line(capsys):
+    """The seed command `integrity_test.py` gives one `error:` line (exit 2) like every other command."""
+    for argv in ([], ["some/dir", "--al"]):
+        with pytest.raises(SystemExit) as exit_info:
+            integrity_main(argv)
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and err.startswith("error: integrity_test.py: ") and "\n" not in err, err

@@ -1,5 +1,6 @@
 """User-facing errors: one clear line on stderr and exit code 2, never a traceback."""
 
+import argparse
 import functools
 import os
 import sys
@@ -7,6 +8,18 @@ import sys
 
 class UserError(Exception):
     """A mistake the user can fix (bad flag, missing data, ...). Printed as one line, exit code 2."""
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse without abbreviated flags, whose mistakes are one `error: ...` line and exit code 2
+    (a UserError, printed by `exit_on_user_error`) instead of a usage block."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message} (see --help)")
 
 
 def exit_on_user_error(fn):

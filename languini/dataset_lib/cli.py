@@ -4,7 +4,7 @@ import argparse
 import os
 import sys
 
-from languini.common_lib.errors import UserError, exit_on_user_error
+from languini.common_lib.errors import OneLineArgumentParser, UserError, exit_on_user_error
 from languini.dataset_lib.add_split import AddSplitOptions, add_split, open_source
 from languini.dataset_lib.integrity_test import hashed_folder
 from languini.dataset_lib.layout import check_safe_name, read_meta, unfinished_splits
@@ -20,18 +20,6 @@ from languini.dataset_lib.sources import books3, demo, folder, pg19, records
 from languini.dataset_lib.verify import not_a_dataset, verify_dataset
 
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse without abbreviated flags, whose mistakes are one `error: ...` line and exit code 2
-    (a UserError, printed by `exit_on_user_error`) instead of a usage block."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str):
-        raise UserError(f"{self.prog}: {message} (see --help)")
 
 
 def _common(parser: argparse.ArgumentParser, out: str | None, vocab: int | None):

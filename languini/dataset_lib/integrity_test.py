@@ -8,12 +8,11 @@ tokenizer.model and meta.json); the published books_16384 hash then verifies bot
     python3 languini/dataset_lib/integrity_test.py data/books/books_16384
 """
 
-import argparse
 import hashlib
 import os
 import sys
 
-from languini.common_lib.errors import UserError, exit_on_user_error
+from languini.common_lib.errors import OneLineArgumentParser, UserError, exit_on_user_error
 
 KNOWN_HASHES = {"books_16384": "0957d626c108d0075c18a5a99fa766533a46b2fba833061fdce445c6066558f7"}
 
@@ -53,7 +52,9 @@ def hashed_folder(path: str, whole: bool = False) -> str:
 
 @exit_on_user_error
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Print the integrity hash (SHA-256) of a tokenised dataset.")
+    parser = OneLineArgumentParser(
+        prog="integrity_test.py", description="Print the integrity hash (SHA-256) of a tokenised dataset."
+    )
     parser.add_argument("dir", help="dataset folder, e.g. data/books/books_16384")
     parser.add_argument("--all", action="store_true", help="hash every file under DIR, not just DIR/files")
     args = parser.parse_args(argv)

@@ -21,9 +21,8 @@ import sys
 import numpy as np
 
 from languini.common_lib.atomic_io import atomic_write_json, atomic_write_text
-from languini.common_lib.errors import UserError, exit_on_user_error
+from languini.common_lib.errors import OneLineArgumentParser, UserError, exit_on_user_error
 from languini.common_lib.suggest import did_you_mean
-from languini.dataset_lib.cli import OneLineArgumentParser
 from languini.dataset_lib.layout import is_safe_name, path_inside
 from languini.report_lib.plots import EXTRAPOLATE_LIMIT, X_LABELS, plot_learning_curves, plot_scaling
 from languini.report_lib.runs import Run, eval_setting, load_runs, setting_label

@@ -18,8 +18,7 @@ import tempfile
 import torch
 
 from languini.common_lib.atomic_io import atomic_open, atomic_write_text, current_umask
-from languini.common_lib.errors import UserError, exit_on_user_error
-from languini.dataset_lib.cli import OneLineArgumentParser
+from languini.common_lib.errors import OneLineArgumentParser, UserError, exit_on_user_error
 from languini.dataset_lib.layout import corpus_identity
 from languini.projects import load_project
 from languini.tools.flops import count_step_flops, param_counts

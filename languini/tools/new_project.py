@@ -14,8 +14,7 @@ import shutil
 import sys
 import tempfile
 
-from languini.common_lib.errors import UserError, exit_on_user_error
-from languini.dataset_lib.cli import OneLineArgumentParser
+from languini.common_lib.errors import OneLineArgumentParser, UserError, exit_on_user_error
 from languini.projects import PROJECTS_DIR, list_projects, project_dir
 
 SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", "throughput_results.csv", "logs", ".ipynb_checkpoints")

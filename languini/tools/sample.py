@@ -23,8 +23,7 @@ import sys
 import torch
 
 from languini.common_lib.device import autocast_context, configure_device, resolve_device, resolve_precision
-from languini.common_lib.errors import UserError, exit_on_user_error
-from languini.dataset_lib.cli import OneLineArgumentParser
+from languini.common_lib.errors import OneLineArgumentParser, UserError, exit_on_user_error
 from languini.dataset_lib.layout import END_OF_DOC
 from languini.dataset_lib.tokenizer_model import load_processor
 from languini.projects import load_project

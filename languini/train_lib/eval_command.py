@@ -35,7 +35,7 @@ from languini.train_lib import bundle, run_folder
 from languini.train_lib.checkpoint import load_model_state, load_model_weights
 from languini.train_lib.distributed import init_distributed, shutdown_distributed, world_from_env
 from languini.train_lib.eval_metrics import all_reduce_sums, metrics_from_sums
-from languini.train_lib.eval_protocols import PROTOCOLS, cap_tokens
+from languini.train_lib.eval_protocols import PROTOCOLS, cap_tokens, check_last_n
 from languini.train_lib.project_spec import ProjectSpec
 from languini.train_lib.run_folder import CHECKPOINT_NAME
 from languini.train_lib.token_lengths import load_token_lengths
@@ -214,8 +214,8 @@ def _format_table(rows: list[dict]) -> str:
 
 def check_eval_options(protocol: str, max_tokens: int, eval_streams: int, last_n: int, seq_len: int):
     """One-line errors for --max_tokens, --eval_streams and --last_n values that cannot be used."""
-    if protocol != "stateful" and not 0 < last_n <= seq_len:
-        raise UserError(f"--last_n must be in 1..seq_len ({seq_len}); got {last_n}")
+    if protocol != "stateful":
+        check_last_n(last_n, seq_len)
     if max_tokens < 0:
         raise UserError(f"--max_tokens must be 0 (all tokens) or positive; got {max_tokens}")
     if max_tokens == 1:

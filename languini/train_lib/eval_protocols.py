@@ -33,10 +33,15 @@ from languini.train_lib.eval_metrics import score_batch, zero_sums
 from languini.train_lib.token_lengths import TokenLengths
 
 
-def window_starts(n_tokens: int, seq_len: int, last_n: int) -> np.ndarray:
-    """Start offsets of the sliding windows that score all n_tokens - 1 targets of a stream."""
+def check_last_n(last_n: int, seq_len: int):
+    """A sliding window scores 1..seq_len tokens at its end; anything else is one line."""
     if not 0 < last_n <= seq_len:
         raise UserError(f"--last_n must be in 1..seq_len ({seq_len}); got {last_n}")
+
+
+def window_starts(n_tokens: int, seq_len: int, last_n: int) -> np.ndarray:
+    """Start offsets of the sliding windows that score all n_tokens - 1 targets of a stream."""
+    check_last_n(last_n, seq_len)
     beyond_first = max(0, n_tokens - 1 - seq_len)
     return np.arange(1 + math.ceil(beyond_first / last_n), dtype=np.int64) * last_n
 
