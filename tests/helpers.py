@@ -72,6 +72,22 @@ def exit_code(fn, *args) -> int:
         return e.code
 
 
+def torchrun(script, argv=(), nproc=2, env=None, timeout=300) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node nproc script *argv` from the repository root, one thread per
+    process, output captured. A crash dumps every thread's Python stack (faulthandler) and a C++ error its
+    stack, so that a rare failure on CI says where it happened."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", "TORCH_SHOW_CPP_STACKTRACES": "1",
+           **(env or {})}  # fmt: skip
+    return subprocess.run(cmd + [str(a) for a in argv], capture_output=True, text=True, env=env, cwd=REPO_ROOT,
+                          timeout=timeout)  # fmt: skip
+
+
+def output_tail(proc: subprocess.CompletedProcess, chars=3000) -> str:
+    """The end of a finished command's stdout and stderr, for an assertion's message."""
+    return f"--- stdout:\n{proc.stdout[-chars:]}\n--- stderr:\n{proc.stderr[-chars:]}"
+
+
 def make_synthetic_corpus(data_root, dataset="synth_256", vocab_size=256, splits=None, seed=0):
     """Write a corpus of random books: `splits` maps split name -> list of book lengths.
 

@@ -5,8 +5,6 @@ import dataclasses
 import importlib.util
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +16,9 @@ from helpers import (
     exit_code,
     first_and_last_losses,
     nano_demo_args,
+    output_tail,
     tiny_run_args,
+    torchrun,
     train_losses,
     write_bigram_corpus,
 )
@@ -453,10 +453,9 @@ def test_two_processes_equal_one_process_with_accumulation(synthetic_corpus, tmp
     """2 gloo ranks x 1 micro-step == 1 rank x 2 micro-steps: losses, gradient norms and carried states."""
     data_root, _ = synthetic_corpus
     ddp_dir, acc_dir = tmp_path / "ddp", tmp_path / "acc"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     grads = ["--log_grads_every", "1"]
-    result = subprocess.run([*torchrun, DELTANET_MAIN, *tiny_args(data_root, ddp_dir, 10, *grads)], capture_output=True, text=True)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun(DELTANET_MAIN, tiny_args(data_root, ddp_dir, 10, *grads))
+    assert result.returncode == 0, output_tail(result)
     assert run_main(tiny_args(data_root, acc_dir, 10, "--gradient_accumulation_steps", "2", *grads)) == 0
 
     ddp, acc = train_losses(ddp_dir), train_losses(acc_dir)

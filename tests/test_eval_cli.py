@@ -5,14 +5,12 @@ import math
 import os
 import random
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
-from helpers import REPO_ROOT, make_synthetic_corpus
+from helpers import REPO_ROOT, make_synthetic_corpus, output_tail, torchrun
 
 from languini.common_lib.atomic_io import atomic_torch_save
 from languini.common_lib.config import apply_overrides, save_config
@@ -267,22 +265,9 @@ def test_two_process_eval_sums_the_counts_of_both_ranks(synthetic_corpus, tmp_pa
     single = fabricate_run(tmp_path / "single", data_root, "gpt")
     double = fabricate_run(tmp_path / "double", data_root, "gpt")
     assert gpt_eval.main(["--run_dir", single, "--test_batch_size", "4"]) == 0
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        os.path.join(REPO_ROOT, "languini", "projects", "gpt", "eval.py"),
-        "--run_dir",
-        double,
-        "--test_batch_size",
-        "4",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO_ROOT)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    eval_py = os.path.join(REPO_ROOT, "languini", "projects", "gpt", "eval.py")
+    proc = torchrun(eval_py, ["--run_dir", double, "--test_batch_size", "4"])
+    assert proc.returncode == 0, output_tail(proc)
     one, two = read_result(single), read_result(double)
     assert two["n_tokens"] == one["n_tokens"] and two["top1"] == one["top1"]
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-9)

@@ -21,7 +21,15 @@ import time
 
 import pytest
 import torch
-from helpers import REPO_ROOT, exit_code, make_synthetic_corpus, tiny_run_args, train_losses
+from helpers import (
+    REPO_ROOT,
+    exit_code,
+    make_synthetic_corpus,
+    output_tail,
+    tiny_run_args,
+    torchrun,
+    train_losses,
+)
 
 from languini import quickstart
 from languini.common_lib import atomic_io
@@ -410,11 +418,8 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(synthetic_corpus,
     run_dir = tmp_path / "ddp"
     script = tmp_path / "pausing.py"
     script.write_text(PAUSING_TRAINER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PAUSE_AT": "0", "SIGTERM_SELF_AT": "5"}
-    proc = subprocess.run(cmd + tiny_args(data_root, run_dir, 20), capture_output=True, text=True, env=env,
-                          cwd=REPO_ROOT, timeout=300)  # fmt: skip
-    assert "stopped by SIGTERM after step 5" in proc.stdout, proc.stderr[-3000:]
+    proc = torchrun(script, tiny_args(data_root, run_dir, 20), env={"PAUSE_AT": "0", "SIGTERM_SELF_AT": "5"})
+    assert "stopped by SIGTERM after step 5" in proc.stdout, output_tail(proc)
     checkpoint = ckpt.load_checkpoint(str(run_dir / "checkpoints" / "latest.pt"))
     assert checkpoint["step"] == 5 and [s["windows"] for s in checkpoint["loader"]] == [5, 5]
 

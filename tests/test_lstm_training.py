@@ -1,8 +1,6 @@
 """The LSTM project through the real trainer on CPU: states per (rank, micro-batch), exact resume, learning."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +11,9 @@ from helpers import (
     exit_code,
     first_and_last_losses,
     nano_demo_args,
+    output_tail,
     tiny_run_args,
+    torchrun,
     train_losses,
     write_bigram_corpus,
 )
@@ -57,10 +57,9 @@ def test_two_processes_equal_one_process_with_accumulation(synthetic_corpus, tmp
     """2 gloo ranks x 1 micro-step == 1 rank x 2 micro-steps: same losses and same carried state per stream."""
     data_root, _ = synthetic_corpus
     ddp_dir, acc_dir = tmp_path / "ddp", tmp_path / "acc"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", LSTM_MAIN]
     args = [*CELLS[cell], "--log_grads_every", "1"]
-    result = subprocess.run(cmd + tiny_args(data_root, ddp_dir, 10, *args), capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun(LSTM_MAIN, tiny_args(data_root, ddp_dir, 10, *args))
+    assert result.returncode == 0, output_tail(result)
     assert run_main(tiny_args(data_root, acc_dir, 10, "--gradient_accumulation_steps", "2", *args)) == 0
 
     ddp, acc = train_losses(ddp_dir), train_losses(acc_dir)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO_ROOT, make_synthetic_corpus
+from helpers import REPO_ROOT, make_synthetic_corpus, output_tail, torchrun
 
 import languini.projects
 from languini.common_lib.errors import UserError
@@ -114,11 +114,8 @@ def test_new_project_trains_and_evaluates(tmp_path, project_in_place):
         "--max_eval_steps", "2", "--logger_type", "none", "--no-progress_bar", "--run_dir", str(run_dir),
     ]  # fmt: skip
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
-    proc = subprocess.run(
-        [*torchrun, main_py, *train], cwd=REPO_ROOT, env=env, capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = torchrun(main_py, train, nproc=1, env=env)
+    assert proc.returncode == 0, output_tail(proc)
     with open(run_dir / "config.json") as f:
         assert json.load(f)["project"] == project_in_place
     steps = [json.loads(line).get("step") for line in open(run_dir / "metrics.jsonl")]
@@ -135,7 +132,7 @@ def test_new_project_trains_and_evaluates(tmp_path, project_in_place):
         "16",
     ]
     proc = subprocess.run(evaluate, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, output_tail(proc)
     with open(run_dir / "eval" / "test.json") as f:
         result = json.load(f)
     assert result["checkpoint_step"] == 3 and result["n_tokens"] > 0 and result["loss"] > 0

@@ -7,12 +7,11 @@ that need more torchrun launches are marked slow.
 
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from helpers import REPO_ROOT, exit_code, load_benchmark, tiny_run_args, train_losses
+from helpers import REPO_ROOT, exit_code, load_benchmark, output_tail, tiny_run_args, torchrun, train_losses
 
 from languini.projects import load_project
 from languini.projects.gpt import main as gpt_main
@@ -38,8 +37,7 @@ def one_process(project, argv) -> int:
 
 
 def two_processes(project, argv, env=None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", MAINS[project][1]]
-    return subprocess.run(cmd + list(argv), capture_output=True, text=True, env={**os.environ, **(env or {})})
+    return torchrun(MAINS[project][1], argv, env=env)
 
 
 def reference(project, data_root, tmp_path, steps=8) -> dict:
@@ -65,7 +63,7 @@ def resume_case(project, data_root, tmp_path, first: str, second: str, mode: str
             assert one_process(project, argv + ["--gradient_accumulation_steps", "2"]) == 0
         else:
             result = two_processes(project, argv)
-            assert result.returncode == 0, result.stderr[-3000:]
+            assert result.returncode == 0, output_tail(result)
     assert_same_losses(train_losses(run_dir), expected)
     return run_dir
 
@@ -81,7 +79,7 @@ def test_fsdp_equals_accumulation_and_resumes_on_one_process(synthetic_corpus, t
     expected = reference(project, data_root, tmp_path)
     run_dir = tmp_path / "fsdp"
     result = two_processes(project, args(project, data_root, run_dir, 4, "--parallel", "fsdp", "--log_grads_every", "2"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, output_tail(result)
     latest = run_dir / "checkpoints" / "latest.pt"
     checkpoint = load_checkpoint(str(latest))
     assert checkpoint["model"] == {} and checkpoint["world_size"] == 2
@@ -107,7 +105,7 @@ def test_fsdp_eight_steps_equal_accumulation(synthetic_corpus, tmp_path, project
     expected = reference(project, data_root, tmp_path)
     run_dir = tmp_path / "fsdp"
     result = two_processes(project, args(project, data_root, run_dir, 8, "--parallel", "fsdp", "--log_ckpt_every", "3"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, output_tail(result)
     assert_same_losses(train_losses(run_dir), expected)
 
 
@@ -157,7 +155,7 @@ def test_fsdp_checkpoint_resumes_under_ddp_on_two_processes(synthetic_corpus, tm
     run_dir = tmp_path / "run"
     for steps, mode, resume in ((4, "fsdp", []), (8, "ddp", ["--resume", "auto"])):
         result = two_processes("lstm", args("lstm", data_root, run_dir, steps, "--parallel", mode, *resume))
-        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.returncode == 0, output_tail(result)
     assert_same_losses(train_losses(run_dir), expected)
 
 
@@ -206,7 +204,7 @@ def test_activation_checkpointing_under_fsdp(synthetic_corpus, tmp_path):
     expected = reference("lstm", data_root, tmp_path, steps=4)
     run_dir = tmp_path / "run"
     result = two_processes("lstm", args("lstm", data_root, run_dir, 4, "--parallel", "fsdp", "--activation_checkpointing"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, output_tail(result)
     assert_same_losses(train_losses(run_dir), expected)
 
 
@@ -221,7 +219,7 @@ def test_compile_under_fsdp(synthetic_corpus, tmp_path):
     expected = reference("gpt", data_root, tmp_path, steps=3)
     run_dir = tmp_path / "run"
     result = two_processes("gpt", args("gpt", data_root, run_dir, 3, "--parallel", "fsdp", "--compile", "default"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, output_tail(result)
     assert_same_losses(train_losses(run_dir), expected, tol=1e-3)
 
 

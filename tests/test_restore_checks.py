@@ -16,7 +16,15 @@ import sys
 
 import pytest
 import torch
-from helpers import REPO_ROOT, exit_code, make_synthetic_corpus, tiny_run_args, train_losses
+from helpers import (
+    REPO_ROOT,
+    exit_code,
+    make_synthetic_corpus,
+    output_tail,
+    tiny_run_args,
+    torchrun,
+    train_losses,
+)
 
 from languini.common_lib.errors import UserError
 from languini.projects import load_project
@@ -253,12 +261,9 @@ def test_a_signal_on_one_rank_during_validation_stops_every_rank(synthetic_corpu
     script = tmp_path / "signal_in_validation.py"
     script.write_text(VALIDATION_SIGNAL_SCRIPT)
     tests_dir = os.path.dirname(os.path.abspath(__file__))  # the script imports SignalInValidation from here
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += [str(script), tests_dir]
     args = tiny_args(data_root, run_dir, 20, "--eval_every", "3", "--max_eval_steps", "-1")
-    proc = subprocess.run(cmd + args, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
-    assert "stopped by SIGTERM after step 3" in proc.stdout, proc.stderr[-3000:]
+    proc = torchrun(script, [tests_dir, *args])
+    assert "stopped by SIGTERM after step 3" in proc.stdout, output_tail(proc)
     checkpoint = ckpt.load_checkpoint(str(run_dir / "checkpoints" / "latest.pt"))
     assert checkpoint["step"] == 3 and [s["windows"] for s in checkpoint["loader"]] == [3, 3]
     assert not any("eval/loss" in r for r in read_metrics(run_dir))

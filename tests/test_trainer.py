@@ -3,8 +3,6 @@
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 import zipfile
 
 import numpy as np
@@ -15,9 +13,11 @@ from helpers import (
     exit_code,
     first_and_last_losses,
     nano_demo_args,
+    output_tail,
     pausing_trainer_command,
     sigkill_once_paused,
     tiny_run_args,
+    torchrun,
     train_losses,
     write_bigram_corpus,
 )
@@ -172,10 +172,9 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(synthetic_corpus,
     """2 gloo processes x 1 micro-step == 1 process x 2 micro-steps (same global streams, same update)."""
     data_root, _ = synthetic_corpus
     ddp_dir, acc_dir = tmp_path / "ddp", tmp_path / "acc"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", GPT_MAIN]
     grads = ("--log_grads_every", "1")  # Adam hides a gradient scale error from the losses; norms do not
-    result = subprocess.run(cmd + tiny_args(data_root, ddp_dir, 10, *grads), capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun(GPT_MAIN, tiny_args(data_root, ddp_dir, 10, *grads))
+    assert result.returncode == 0, output_tail(result)
     assert json.loads((ddp_dir / "env.json").read_text())["world_size"] == 2
     assert run_main(tiny_args(data_root, acc_dir, 10, "--gradient_accumulation_steps", "2", *grads)) == 0
 

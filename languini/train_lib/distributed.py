@@ -4,6 +4,7 @@ torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python main.py` has none
 world of one without any process group. GPUs talk over nccl, CPU processes over gloo.
 """
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -48,7 +49,11 @@ def init_distributed(world: World, device: torch.device):
 
 
 def shutdown_distributed():
+    """Leave the process group. The model's reference cycles (FSDP's hooks and states hold tensors and
+    communication handles) are collected first, while the group and the interpreter are still whole: left
+    to the interpreter's exit, gloo's objects are freed during its teardown, which can abort the process."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
