@@ -83,6 +83,26 @@ def torchrun(script, argv=(), nproc=2, env=None, timeout=300) -> subprocess.Comp
                           timeout=timeout)  # fmt: skip
 
 
+def check_two_processes_equal_accumulation(main_py, run_main, make_args, tmp_path, extra=(), tol=1e-5):
+    """2 gloo processes x 1 micro-step and 1 process x 2 micro-steps, 10 steps each from
+    `make_args(run_dir, steps, *flags)`: the same losses (within `tol`) and gradient norms (relative `tol`;
+    Adam hides a gradient scale error from the losses, the norms do not). Returns the two run folders."""
+    ddp_dir, acc_dir = tmp_path / "ddp", tmp_path / "acc"
+    grads = [*extra, "--log_grads_every", "1"]
+    result = torchrun(main_py, make_args(ddp_dir, 10, *grads))
+    assert result.returncode == 0, output_tail(result)
+    assert run_main(make_args(acc_dir, 10, "--gradient_accumulation_steps", "2", *grads)) == 0
+
+    ddp, acc = train_losses(ddp_dir), train_losses(acc_dir)
+    assert sorted(ddp) == sorted(acc) == list(range(1, 11))
+    np.testing.assert_allclose([ddp[s] for s in ddp], [acc[s] for s in ddp], rtol=0, atol=tol)
+    ddp_norms = [r["grad/norm"] for r in read_metrics(ddp_dir)]
+    acc_norms = [r["grad/norm"] for r in read_metrics(acc_dir)]
+    assert len(ddp_norms) == 10
+    np.testing.assert_allclose(ddp_norms, acc_norms, rtol=tol)
+    return ddp_dir, acc_dir
+
+
 def output_tail(proc: subprocess.CompletedProcess, chars=3000) -> str:
     """The end of a finished command's stdout and stderr, for an assertion's message."""
     return f"--- stdout:\n{proc.stdout[-chars:]}\n--- stderr:\n{proc.stderr[-chars:]}"

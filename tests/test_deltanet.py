@@ -2,24 +2,22 @@
 state including the convolution caches, FLOPs, parameter counts, and training through the real trainer."""
 
 import dataclasses
+import functools
 import importlib.util
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (
     REPO_ROOT,
     check_stateful_sigkill_resume,
+    check_two_processes_equal_accumulation,
     exit_code,
     first_and_last_losses,
     nano_demo_args,
-    output_tail,
     tiny_run_args,
-    torchrun,
-    train_losses,
     write_bigram_corpus,
 )
 
@@ -452,19 +450,8 @@ def states_by_stream(checkpoint, global_batch: int, micro_batches: int) -> dict[
 def test_two_processes_equal_one_process_with_accumulation(synthetic_corpus, tmp_path):
     """2 gloo ranks x 1 micro-step == 1 rank x 2 micro-steps: losses, gradient norms and carried states."""
     data_root, _ = synthetic_corpus
-    ddp_dir, acc_dir = tmp_path / "ddp", tmp_path / "acc"
-    grads = ["--log_grads_every", "1"]
-    result = torchrun(DELTANET_MAIN, tiny_args(data_root, ddp_dir, 10, *grads))
-    assert result.returncode == 0, output_tail(result)
-    assert run_main(tiny_args(data_root, acc_dir, 10, "--gradient_accumulation_steps", "2", *grads)) == 0
-
-    ddp, acc = train_losses(ddp_dir), train_losses(acc_dir)
-    assert sorted(ddp) == sorted(acc) == list(range(1, 11))
-    np.testing.assert_allclose([ddp[s] for s in ddp], [acc[s] for s in ddp], rtol=0, atol=1e-4)
-    ddp_norms = [r["grad/norm"] for r in read_metrics(ddp_dir)]
-    acc_norms = [r["grad/norm"] for r in read_metrics(acc_dir)]
-    np.testing.assert_allclose(ddp_norms, acc_norms, rtol=1e-4)
-
+    make_args = functools.partial(tiny_args, data_root)
+    ddp_dir, acc_dir = check_two_processes_equal_accumulation(DELTANET_MAIN, run_main, make_args, tmp_path, tol=1e-4)
     ddp_states = states_by_stream(load_checkpoint(str(ddp_dir / "checkpoints" / "latest.pt")), 4, 1)
     acc_states = states_by_stream(load_checkpoint(str(acc_dir / "checkpoints" / "latest.pt")), 4, 2)
     assert sorted(ddp_states) == sorted(acc_states) == [0, 1, 2, 3]

@@ -1,20 +1,18 @@
 """The LSTM project through the real trainer on CPU: states per (rank, micro-batch), exact resume, learning."""
 
+import functools
 import os
 
-import numpy as np
 import pytest
 import torch
 from helpers import (
     REPO_ROOT,
     check_stateful_sigkill_resume,
+    check_two_processes_equal_accumulation,
     exit_code,
     first_and_last_losses,
     nano_demo_args,
-    output_tail,
     tiny_run_args,
-    torchrun,
-    train_losses,
     write_bigram_corpus,
 )
 
@@ -56,19 +54,8 @@ def states_by_stream(checkpoint, global_batch: int, micro_batches: int) -> dict[
 def test_two_processes_equal_one_process_with_accumulation(synthetic_corpus, tmp_path, cell):
     """2 gloo ranks x 1 micro-step == 1 rank x 2 micro-steps: same losses and same carried state per stream."""
     data_root, _ = synthetic_corpus
-    ddp_dir, acc_dir = tmp_path / "ddp", tmp_path / "acc"
-    args = [*CELLS[cell], "--log_grads_every", "1"]
-    result = torchrun(LSTM_MAIN, tiny_args(data_root, ddp_dir, 10, *args))
-    assert result.returncode == 0, output_tail(result)
-    assert run_main(tiny_args(data_root, acc_dir, 10, "--gradient_accumulation_steps", "2", *args)) == 0
-
-    ddp, acc = train_losses(ddp_dir), train_losses(acc_dir)
-    assert sorted(ddp) == sorted(acc) == list(range(1, 11))
-    np.testing.assert_allclose([ddp[s] for s in ddp], [acc[s] for s in ddp], rtol=0, atol=1e-5)
-    ddp_norms = [r["grad/norm"] for r in read_metrics(ddp_dir)]
-    acc_norms = [r["grad/norm"] for r in read_metrics(acc_dir)]
-    np.testing.assert_allclose(ddp_norms, acc_norms, rtol=1e-5)
-
+    make_args = functools.partial(tiny_args, data_root)
+    ddp_dir, acc_dir = check_two_processes_equal_accumulation(LSTM_MAIN, run_main, make_args, tmp_path, CELLS[cell])
     ddp_states = states_by_stream(load_checkpoint(str(ddp_dir / "checkpoints" / "latest.pt")), 4, 1)
     acc_states = states_by_stream(load_checkpoint(str(acc_dir / "checkpoints" / "latest.pt")), 4, 2)
     assert sorted(ddp_states) == sorted(acc_states) == [0, 1, 2, 3]
