@@ -120,3 +120,26 @@ def test_deltanet_step_counts_its_short_convolutions_right():
         x = torch.zeros(1, cfg.seq_len, dtype=torch.long, device="meta")
         lm_loss(model(x, model.get_init_state(1, "meta"))[0], x).backward()
     assert torch_own.get_total_flops() - count.forward_backward == (inner - 1) * conv_forward
+
+
+@pytest.mark.parametrize("project", ["gpt", "transformerpp"])
+def test_the_cpu_fallback_counts_what_the_meta_device_counts(project, monkeypatch):
+    """A model the meta device cannot run is counted on real CPU tensors, where attention runs a fused kernel
+    torch has no formula for: it is counted all the same, and the causal figures agree too."""
+    from languini.tools import flops
+
+    cfg = preset_config(project, "nano")
+    on_meta = count_step_flops(project, cfg, batch_size=2)
+    real_build = flops.build_model
+
+    def no_meta(project_, cfg_, device):
+        if str(device) == "meta":
+            raise NotImplementedError("an operation the meta device cannot run")
+        return real_build(project_, cfg_, device)
+
+    monkeypatch.setattr(flops, "build_model", no_meta)
+    on_cpu = count_step_flops(project, cfg, batch_size=2)
+    assert (on_meta.counted_on, on_cpu.counted_on) == ("meta", "cpu")
+    assert on_cpu.forward == on_meta.forward and on_cpu.forward_backward == on_meta.forward_backward
+    assert on_cpu.forward_backward_causal == on_meta.forward_backward_causal
+    assert on_cpu.by_module == on_meta.by_module

@@ -11,9 +11,12 @@ figures count half of them, the share of the score and AV products a causal kern
 (T(T+1)/2 of the T^2 pairs, taken as exactly half). Other products (a recurrence's chunked scans, say)
 are counted in full in both conventions.
 
-Counting runs on the `meta` device where the model allows it, so even large presets allocate nothing.
-One formula is corrected (`flop_counter`): torch counts the weight gradient of a grouped convolution (a
-depthwise one, say) as if the convolution were dense, `groups` times too many FLOPs.
+Counting runs on the `meta` device where the model allows it, so even large presets allocate nothing, and
+falls back to real CPU tensors for a model the meta device cannot run. Two things are added to torch's
+formulas (`flop_counter`): torch counts the weight gradient of a grouped convolution (a depthwise one, say)
+as if the convolution were dense, `groups` times too many FLOPs; and it has no formula for the fused
+attention kernel that `scaled_dot_product_attention` runs on the CPU, so the fallback would count no
+attention at all. That kernel is counted like the GPU ones.
 """
 
 import contextlib
@@ -21,7 +24,7 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, conv_backward_flop
+from torch.utils.flop_counter import FlopCounterMode, conv_backward_flop, sdpa_flop_count
 
 from languini.projects import load_project
 from languini.train_lib.loss import lm_loss
@@ -40,11 +43,29 @@ def grouped_conv_backward_flops(grad_out, x, w, bias, stride, padding, dilation,
     return input_grad + weight_grad // groups
 
 
+def cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the CPU's fused attention kernel (shapes in): Q K^T and P V, torch's formula for the GPU
+    kernels."""
+    return sdpa_flop_count(query, key, value)
+
+
+def cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """Its backward: the gradients of the two products, two forward passes, as on the meta device (where
+    attention runs as plain matrix products). torch's formula for the fused kernels adds the score matrix
+    the kernel recomputes; model FLOPs leave recomputation out."""
+    return 2 * sdpa_flop_count(query, key, value)
+
+
 def flop_counter(**kwargs) -> FlopCounterMode:
-    """torch's FlopCounterMode with the grouped-convolution backward counted right (keyword arguments are
-    FlopCounterMode's)."""
-    return FlopCounterMode(custom_mapping={torch.ops.aten.convolution_backward: grouped_conv_backward_flops},
-                           **kwargs)  # fmt: skip
+    """torch's FlopCounterMode with the grouped-convolution backward counted right and the CPU's fused
+    attention kernel counted (keyword arguments are FlopCounterMode's)."""
+    aten = torch.ops.aten
+    formulas = {
+        aten.convolution_backward: grouped_conv_backward_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_attention_backward_flops,
+    }
+    return FlopCounterMode(custom_mapping=formulas, **kwargs)
 
 
 @dataclass
