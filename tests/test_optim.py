@@ -73,7 +73,9 @@ def test_fused_adam_matches_the_for_loop_adam(weight_decay):
     assert all(group["fused"] for group in optimizer.param_groups)
     kind = torch.optim.AdamW if weight_decay > 0 else torch.optim.Adam
     extra = {"weight_decay": weight_decay} if weight_decay > 0 else {}
-    loop = kind(reference.parameters(), lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, foreach=False, **extra)
+    params = [{"params": [p for p in reference.parameters() if p.ndim >= 2]},
+              {"params": [p for p in reference.parameters() if p.ndim < 2], "weight_decay": 0.0}]  # fmt: skip
+    loop = kind(params, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, foreach=False, **extra)
     for step in range(5):
         set_grads(model, step)
         set_grads(reference, step)
@@ -81,6 +83,21 @@ def test_fused_adam_matches_the_for_loop_adam(weight_decay):
         loop.step()
         for p, q in zip(model.parameters(), reference.parameters()):
             assert (p - q).abs().max() <= 1e-6 * q.abs().max(), step
+
+
+def test_weight_decay_shrinks_matrices_and_tables_not_biases_or_norm_gains():
+    """With no gradient, an AdamW step shrinks each decayed weight by lr * weight_decay and leaves the rest."""
+    model, cfg = tiny_model(weight_decay=0.5)
+    optimizer = build_optimizer(model, cfg)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    decayed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert decayed == {name for name, p in model.named_parameters() if p.ndim >= 2}
+    assert any("norm" in name or "ln" in name for name, p in model.named_parameters() if p.ndim < 2)
+    for name in decayed:
+        torch.testing.assert_close(dict(model.named_parameters())[name], before[name] * (1 - cfg.max_lr * 0.5))
 
 
 def test_a_checkpoint_keeps_its_adam_kernel():

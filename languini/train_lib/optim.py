@@ -32,6 +32,9 @@ def lr_at_step(step: int, max_lr: float, min_lr: float, decay_steps: int, warmup
 def build_adam(params, cfg) -> torch.optim.Optimizer:
     """Adam(beta1, beta2, eps), AdamW when weight_decay > 0; torch's fused kernel on CPU and CUDA.
 
+    Weight decay shrinks the weight matrices and tables (parameters of two or more dimensions) only: a group
+    of its own holds the vectors (biases, norm gains), which are never decayed, as in GPT-2's recipe.
+
     The fused kernel does the for-loop Adam's arithmetic in one pass per tensor: the same numbers up to
     fp32 rounding (tests/test_optim.py), several times faster on a CPU (benchmarks/cpu_step.py). A
     checkpoint keeps its optimiser's kernel (the flags are part of each param group), so a resumed run
@@ -42,7 +45,11 @@ def build_adam(params, cfg) -> torch.optim.Optimizer:
     fused = len(device_types) == 1 and device_types <= set(FUSED_ADAM_DEVICES)
     kwargs = dict(lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)
     if cfg.weight_decay > 0:
-        return torch.optim.AdamW(params, weight_decay=cfg.weight_decay, **kwargs)
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW([g for g in groups if g["params"]], **kwargs)
     return torch.optim.Adam(params, **kwargs)
 
 

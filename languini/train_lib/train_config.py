@@ -49,7 +49,7 @@ class TrainConfig:
     beta1: float = cfg_field(0.9, "Adam beta1")
     beta2: float = cfg_field(0.95, "Adam beta2")
     adam_eps: float = cfg_field(1e-8, "Adam epsilon")
-    weight_decay: float = cfg_field(0.0, "weight decay (the original uses none)")
+    weight_decay: float = cfg_field(0.0, "decoupled weight decay of the weight matrices and tables, never of biases or norm gains (the original uses none)")
     optimizer: str = cfg_field(
         "adam", "adam: the paper's recipe; muon: Muon on hidden matrices, Adam on the rest", ["adam", "muon"]
     )
