@@ -41,7 +41,7 @@ from languini.projects.gpt import main as gpt_main
 from languini.report_lib import report
 from languini.tools import new_project
 from languini.train_lib import checkpoint as ckpt
-from languini.train_lib.loggers import MetricsLogger
+from languini.train_lib.loggers import MetricsLogger, read_metrics
 from languini.train_lib.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
@@ -394,6 +394,43 @@ def test_signal_finishes_the_step_checkpoints_and_resumes_exactly(synthetic_corp
     resumed = train_losses(stopped)
     assert sorted(resumed) == [3, 6, 9, 12, 15, 18, 20]
     assert resumed == train_losses(straight)  # bit-identical, even the mean over steps 13-15 across the stop
+
+
+KILLED_AFTER_SAVE = """
+import os, signal, sys
+from languini.common_lib.errors import exit_on_user_error
+from languini.projects import load_project
+from languini.train_lib import trainer
+from languini.train_lib.train_command import run_training
+
+save = trainer.Trainer.save
+def save_then_die(self, path):
+    save(self, path)
+    if self.step == int(os.environ["KILL_AFTER_SAVE_AT"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+trainer.Trainer.save = save_then_die
+sys.exit(exit_on_user_error(run_training)(load_project("gpt"), sys.argv[1:]))
+"""
+
+
+def test_a_crash_just_after_a_checkpoint_loses_no_metrics_line(synthetic_corpus, tmp_path):
+    """Threat: a SIGKILL between a step's checkpoint and its metrics line; the resumed run starts after that
+    step, so a line written after the checkpoint would never be written."""
+    data_root, _ = synthetic_corpus
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    flags = ("--log_ckpt_every", "1", "--eval_every", "5", "--max_eval_steps", "1")
+    assert run_main(tiny_args(data_root, straight, 8, *flags)) == 0
+    args = tiny_args(data_root, killed, 8, *flags)
+    proc = subprocess.run([sys.executable, "-c", KILLED_AFTER_SAVE, *args], capture_output=True, text=True,
+                          cwd=REPO_ROOT, env={**os.environ, "KILL_AFTER_SAVE_AT": "5"}, timeout=300)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, output_tail(proc)
+    assert ckpt.load_checkpoint(str(killed / "checkpoints" / "latest.pt"))["step"] == 5
+
+    assert run_main(args + ["--resume", "auto"]) == 0
+    assert train_losses(killed) == train_losses(straight)  # steps 1-8 once each, the same losses
+    evals = [(r["step"], r["eval/loss"]) for r in read_metrics(killed) if "eval/loss" in r]
+    assert evals == [(r["step"], r["eval/loss"]) for r in read_metrics(straight) if "eval/loss" in r]
+    assert [step for step, _ in evals] == [5, 8]
 
 
 def test_a_second_ctrl_c_quits_at_once(synthetic_corpus, tmp_path):

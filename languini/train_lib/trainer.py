@@ -459,14 +459,17 @@ class Trainer:
                 saved = done or stop or clock_due or _due(self.step, cfg.log_ckpt_every)
                 if saved:
                     window.check_finite(self.step)  # never checkpoint a diverged model
-                    self.save(checkpoint_path(self.run_dir))
                 if cfg.eval_every > 0 and not stop and (done or _due(self.step, cfg.eval_every)):
                     stop = self._validate_into(record, interruption, say)
-                    if stop and not saved:  # a signal abandoned the validation: checkpoint this step now
-                        self.save(checkpoint_path(self.run_dir))
-                window.exclude(time.perf_counter() - pause_start)
+                    saved = saved or bool(stop)  # a signal abandoned the validation: checkpoint this step now
+                # the step's metrics line goes before its checkpoint: a crash between the two resumes from the
+                # previous checkpoint, which drops the line and logs the step again; the other way round the
+                # resumed run would start after the step and its line would be lost
                 if record:
                     logger.log(self.step, self.elapsed(), record)
+                if saved:
+                    self.save(checkpoint_path(self.run_dir))
+                window.exclude(time.perf_counter() - pause_start)
                 if stop:
                     return stop
         finally:
