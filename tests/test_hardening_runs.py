@@ -10,6 +10,7 @@ finished run; environment failures (full disk, read-only folder), damaged metric
 absurd settings ending in a traceback (or an out-of-memory kill) instead of one line.
 """
 
+import contextlib
 import errno
 import json
 import os
@@ -556,17 +557,94 @@ def test_full_or_read_only_disk_while_checkpointing_keeps_the_previous_checkpoin
     path = run_dir / "checkpoints" / "latest.pt"
     before = path.read_bytes()
 
-    def fails_midway(target, checkpoint):
-        with atomic_io.atomic_open(target, "wb") as f:
-            f.write(b"half a checkpoint")
-            raise OSError(code, os.strerror(code))
+    real_open = atomic_io.atomic_open
 
-    monkeypatch.setattr(ckpt, "save_checkpoint", fails_midway)
+    class FillsUp:  # the file torch.save writes to: its writes fail after the first 100 bytes
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 100:
+                raise OSError(code, os.strerror(code))
+            return self.f.write(data)
+
+        def flush(self):
+            self.f.flush()
+
+    @contextlib.contextmanager
+    def filling_up(target, mode="wb"):  # torch's zip writer sees the failure and wraps it in its own error
+        with real_open(target, mode) as f:
+            yield FillsUp(f) if str(target).endswith("latest.pt") else f
+
+    monkeypatch.setattr(atomic_io, "atomic_open", filling_up)
     assert run_main(tiny_args(data_root, run_dir, 4, "--resume", "auto", "--log_ckpt_every", "1")) == 2
     err = one_error_line(capsys)
     assert words in err and "previous checkpoint is intact" in err
     assert path.read_bytes() == before and ckpt.load_checkpoint(str(path))["step"] == 2
     assert os.listdir(run_dir / "checkpoints") == ["latest.pt"]
+
+
+SHARDED_SAVE_FAILS = """
+import errno, os, sys
+import torch.distributed as dist
+from languini.common_lib.errors import exit_on_user_error
+from languini.projects import load_project
+from languini.train_lib import checkpoint
+from languini.train_lib.train_command import run_training
+
+real_save = checkpoint.save_sharded
+def save_sharded(folder, model, optimizer):
+    if int(os.path.basename(folder)[5:13]) == 2:
+        if os.environ["HOW"] == "file in the way":  # DCP's own failure: it cannot make its folder
+            if os.environ["RANK"] == "0":
+                open(folder, "w").close()
+            dist.barrier()
+        else:  # the disk fills up while both ranks write their shards
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, "__%s_0.distcp" % os.environ["RANK"]), "wb") as f:
+                f.write(b"half a shard")
+            dist.barrier()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    real_save(folder, model, optimizer)
+checkpoint.save_sharded = save_sharded
+sys.exit(exit_on_user_error(run_training)(load_project("gpt"), sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("how, words", [("file in the way", "File exists"), ("disk full", "No space left")])
+def test_failed_sharded_save_is_one_line_and_keeps_the_previous_checkpoint(synthetic_corpus, tmp_path, how, words):
+    """Threat: DCP reporting a failed save as a BaseException that escapes the one-line handling (a traceback on
+    every rank), and a half-written sharded folder holding the space a user frees."""
+    data_root, _ = synthetic_corpus
+    run_dir = tmp_path / "fsdp"
+    script = tmp_path / "sharded_save_fails.py"
+    script.write_text(SHARDED_SAVE_FAILS)
+    args = tiny_args(data_root, run_dir, 4, "--parallel", "fsdp", "--log_ckpt_every", "1")
+    proc = torchrun(script, args, env={"HOW": how})
+    workers = proc.stderr.split("elastic/multiprocessing")[0]  # before torchrun's own report of the exit
+    assert proc.returncode != 0 and "Traceback" not in workers, output_tail(proc)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and words in errors[0] and "previous checkpoint is intact" in errors[0], output_tail(proc)
+    checkpoint = ckpt.load_checkpoint(str(run_dir / "checkpoints" / "latest.pt"))
+    assert checkpoint["step"] == 1
+    left = sorted(os.listdir(run_dir / "checkpoints"))
+    assert [n for n in left if n.startswith("step_00000001.")] == [checkpoint["sharded"]]
+    assert [n for n in left if n.startswith("step_00000002.") and (run_dir / "checkpoints" / n).is_dir()] == []
+
+
+def test_truncated_shard_is_one_line_on_resume(synthetic_corpus, tmp_path, capsys):
+    """Threat: a shard cut short (a power loss, a bad disk) ending a resume in a traceback."""
+    data_root, _ = synthetic_corpus
+    run_dir = tmp_path / "fsdp"
+    args = tiny_args(data_root, run_dir, 2, "--parallel", "fsdp", "--log_ckpt_every", "1")
+    proc = torchrun(GPT_MAIN, args)
+    assert proc.returncode == 0, output_tail(proc)
+    folder = run_dir / "checkpoints" / ckpt.load_checkpoint(str(run_dir / "checkpoints" / "latest.pt"))["sharded"]
+    for shard in folder.glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    assert run_main(tiny_args(data_root, run_dir, 4, "--resume", "auto")) == 2
+    assert "its sharded weights cannot be loaded" in one_error_line(capsys)
 
 
 def test_disk_full_while_logging_gives_one_line(run, monkeypatch, capsys):

@@ -70,7 +70,14 @@ def atomic_save_npy(path, array):
 
 
 def atomic_torch_save(path, obj):
+    """torch.save, atomically. A failed write (a full disk) raises its OSError, not the RuntimeError that
+    torch's zip writer wraps it in ("unexpected pos ...")."""
     import torch
 
     with atomic_open(path, "wb") as f:  # straight to the file: no second in-memory copy of a large state
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise

@@ -20,6 +20,7 @@ is read with `torch.load(weights_only=True)`: a file that holds any other Python
 before anything in it runs. The RNG states of Python and NumPy are converted to tensors and ints for that.
 """
 
+import contextlib
 import math
 import os
 import pickle
@@ -355,7 +356,24 @@ def save_sharded(folder: str, model: torch.nn.Module, optimizer):
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=folder, no_dist=not dist.is_initialized())
+    with dcp_failures_as_exceptions():
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=folder, no_dist=not dist.is_initialized())
+
+
+@contextlib.contextmanager
+def dcp_failures_as_exceptions():
+    """Re-raise DCP's CheckpointException (a BaseException, which `except Exception` lets through, holding
+    every failing rank's error and traceback) as the first failing rank's own exception: a full disk
+    becomes the OSError it was, which the callers turn into one line."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as e:
+        failures = e.failures
+        if not failures:
+            raise
+        raise failures[min(failures)][0] from None
 
 
 def load_sharded(folder: str, path: str, model: torch.nn.Module, optimizer=None):
@@ -380,12 +398,14 @@ def _load_sharded(folder: str, model: torch.nn.Module, optimizer, no_dist: bool)
 
     if optimizer is None:
         state = {"model": clean_state_dict(model.state_dict())}
-        dcp.load(state, checkpoint_id=folder, no_dist=no_dist)
+        with dcp_failures_as_exceptions():
+            dcp.load(state, checkpoint_id=folder, no_dist=no_dist)
         model.load_state_dict(state["model"])
         return
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(state, checkpoint_id=folder, no_dist=no_dist)
+    with dcp_failures_as_exceptions():
+        dcp.load(state, checkpoint_id=folder, no_dist=no_dist)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 

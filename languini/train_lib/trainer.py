@@ -190,12 +190,14 @@ class Trainer:
             sharded = broadcast_object(f"step_{self.step:08d}.{uuid.uuid4().hex[:12]}.dcp", self.world)
             try:
                 ckpt.save_sharded(os.path.join(os.path.dirname(path), sharded), self.raw_model, self.optimizer)
-            except Exception as e:  # DCP reports a failure of any process on every process
+            except Exception as e:  # DCP reports a failure of any process on every process, after all wrote
                 failure = (
                     f"cannot write the sharded checkpoint {sharded} beside {path}: {ckpt.first_line(e)}; the previous "
                     "checkpoint is intact (free space or fix the folder's permissions, then continue with "
                     "--resume auto)"
                 )
+                if self.world.is_main:  # the half-written folder would hold the space the user frees
+                    shutil.rmtree(os.path.join(os.path.dirname(path), sharded), ignore_errors=True)
             if os.environ.get(KILL_BEFORE_POINTER_ENV) == str(self.step) and self.world.is_main:
                 os.kill(os.getpid(), signal.SIGKILL)
         if self.world.is_main and failure is None:
