@@ -42,6 +42,7 @@ from languini.projects.gpt import main as gpt_main
 from languini.report_lib import report
 from languini.tools import new_project
 from languini.train_lib import checkpoint as ckpt
+from languini.train_lib import run_folder
 from languini.train_lib.loggers import MetricsLogger, read_metrics
 from languini.train_lib.trainer import Trainer
 
@@ -184,6 +185,23 @@ def test_overwrite_removes_the_runs_files_and_keeps_the_users(synthetic_corpus, 
     assert not (run_dir / "eval" / "test.json").exists()  # the replaced run's result
     assert not set(old_events) & set(os.listdir(run_dir / "tensorboard"))
     assert sorted(train_losses(run_dir)) == [1, 2, 3] and (run_dir / LOCK_FILE).exists()
+
+
+def test_overwrite_removes_the_sharded_checkpoint_folders_and_nothing_else(tmp_path):
+    """Threat: `--overwrite` leaving a replaced FSDP run's weights on disk, or following a link out of the run."""
+    run_dir, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    sharded = run_dir / "checkpoints" / "step_00000004.0123456789ab.dcp"
+    sharded.mkdir(parents=True)
+    (sharded / ".metadata").write_bytes(b"m")
+    (sharded / "__0_0.distcp").write_bytes(b"w")
+    (run_dir / "checkpoints" / "step_backup").mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "kept").write_bytes(b"k")
+    (run_dir / "checkpoints" / "step_00000008.0123456789ab.dcp").symlink_to(elsewhere)
+    removed = run_folder.remove_run_files(str(run_dir))
+    assert removed == [str(sharded)]
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["step_00000008.0123456789ab.dcp", "step_backup"]
+    assert (elsewhere / "kept").read_bytes() == b"k"
 
 
 def test_files_named_like_a_runs_that_no_run_wrote_are_never_replaced(synthetic_corpus, tmp_path, capsys):

@@ -27,6 +27,7 @@ import pickle
 import random
 import re
 import reprlib
+import shutil
 import warnings
 
 import numpy as np
@@ -346,6 +347,19 @@ def sharded_folder(path: str, checkpoint: dict) -> str:
     if not os.path.isfile(os.path.join(folder, ".metadata")):
         raise UserError(f"{path} names the sharded checkpoint {folder}, which is missing or incomplete")
     return folder
+
+
+def remove_sharded_folders(folder: str, keep: str | None = None) -> list[str]:
+    """Delete the sharded checkpoint folders in `folder` (the trainer's names, SHARDED_NAME) except `keep`
+    (the one latest.pt names): the previous one, any that a killed save left behind, or all of them for
+    --overwrite. Returns the removed paths."""
+    removed = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) and not os.path.islink(folder) else []:
+        path = os.path.join(folder, name)
+        if name != keep and SHARDED_NAME.fullmatch(name) and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def save_sharded(folder: str, model: torch.nn.Module, optimizer):

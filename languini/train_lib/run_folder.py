@@ -28,6 +28,7 @@ import torch
 from languini.common_lib.atomic_io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from languini.common_lib.config import config_to_dict, read_config_json, save_config
 from languini.common_lib.errors import UserError
+from languini.train_lib.checkpoint import remove_sharded_folders
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKPOINT_NAME = "latest.pt"
@@ -185,7 +186,7 @@ def _wandb_run_names(run_dir: str) -> re.Pattern | None:
 def remove_run_files(run_dir: str) -> list[str]:
     """Remove, by name, the files a run (and eval.py) wrote into `run_dir`; returns the removed paths.
 
-    Top level: RUN_FILES. checkpoints/: latest.pt. tensorboard/: SummaryWriter's event files. wandb/: the
+    Top level: RUN_FILES. checkpoints/: latest.pt and the sharded (FSDP) checkpoint folders. tensorboard/: SummaryWriter's event files. wandb/: the
     run folders named after the id in wandb_id.txt and wandb's own links. eval/: the results eval.py wrote.
     Stale temporary files of the run's atomic writes go too. A folder is removed only when it is left
     empty; anything else (the user's notes, the lock file) stays where it is.
@@ -195,6 +196,7 @@ def remove_run_files(run_dir: str) -> list[str]:
     for name in RUN_FILES:
         _unlink(os.path.join(run_dir, name), removed)
     _unlink(checkpoint_path(run_dir), removed)
+    removed += remove_sharded_folders(os.path.dirname(checkpoint_path(run_dir)))
     removed += remove_stale_temp_files(run_dir)
     tensorboard = os.path.join(run_dir, "tensorboard")
     for name in _listdir(tensorboard):

@@ -24,7 +24,6 @@ any number of processes and accumulation steps with the same global batch (`rest
 import contextlib
 import os
 import random
-import re
 import reprlib
 import shutil
 import signal
@@ -228,7 +227,7 @@ class Trainer:
                     "(free space or fix the folder's permissions, then continue with --resume auto)"
                 )
             else:  # latest.pt names the new folder (or none): the older sharded folders can go
-                _remove_sharded_except(os.path.dirname(path), sharded)
+                ckpt.remove_sharded_folders(os.path.dirname(path), keep=sharded)
         failure = broadcast_object(failure, self.world)  # every rank stops together, or none does
         if failure:
             raise UserError(failure)
@@ -664,20 +663,6 @@ def _seed_everything(seed: int):
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
-
-SHARDED_FOLDER = re.compile(r"step_\d+\.[0-9a-f]+\.dcp")
-
-
-def _remove_sharded_except(folder: str, keep: str | None):
-    """Delete the sharded checkpoint folders in `folder` except `keep` (the one latest.pt names): the
-    previous one, and any that a killed save left behind. Only names this trainer writes are touched."""
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return
-    for name in names:
-        if name != keep and SHARDED_FOLDER.fullmatch(name) and os.path.isdir(os.path.join(folder, name)):
-            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
 def _shapes(state) -> list:
