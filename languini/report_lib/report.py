@@ -461,7 +461,7 @@ def main(argv=None):
     parser.add_argument(
         "--x", default="auto", choices=["auto", "ref_gpu_hours", "flops", "tokens"],
         help="compute axis of the scaling plot (default auto: reference-GPU hours when every run has a "
-        "throughput, else training FLOPs; another choice is refused when a run lacks what it needs)",
+        "throughput, else training FLOPs, else tokens seen; another choice is refused when a run lacks what it needs)",
     )  # fmt: skip
     args = parser.parse_args(argv)
 

@@ -13,7 +13,8 @@ def _tool_usage(usage: str, tool_flags: dict) -> str:
     lines = [f"usage: {usage}", "", "tool flags:"]
     for name, (typ, default, help_text) in tool_flags.items():
         flag = f"--{name}" + ("" if typ is bool else f" {typ.__name__.upper()}")
-        lines.append(f"  {flag:<38} {help_text} (default: {default!r})")
+        shown = "" if "(default" in help_text else f" (default: {default!r})"  # a help that says it in words
+        lines.append(f"  {flag:<38} {help_text}{shown}")
     lines.append("\nPROJECT is a folder of languini/projects; PRESET and --flags are the project's config.")
     return "\n".join(lines)
 

@@ -79,7 +79,7 @@ class TrainConfig:
     eval_every: int = cfg_field(1000, "validate every N steps (0 = never)")
     log_terminal_every: int = cfg_field(100, "print a terminal line every N steps")
     log_metrics_every: int = cfg_field(100, "write train metrics every N steps")
-    log_grads_every: int = cfg_field(1000, "write gradient / update norms every N steps (0 = never)")
+    log_grads_every: int = cfg_field(1000, "write the gradient norm and the weights' norm every N steps (0 = never)")
     log_ckpt_every: int = cfg_field(5000, "checkpoint every N steps (and always at the end)")
     ckpt_every_minutes: float = cfg_field(
         30.0, "also checkpoint when this many minutes passed since the last checkpoint (0 = off)"
