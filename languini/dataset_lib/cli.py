@@ -79,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-lists", required=True, help="folder with the original file_list_*.npy")
 
     p = commands.add_parser("add-split", help="tokenise more held-out books into a new split of a prepared dataset")
-    p.add_argument("source", metavar="SOURCE", help="a folder or archive (.tar, .tar.gz/.tgz, .tar.xz/.txz, .tar.bz2) of .txt books, a .jsonl/"
-                   ".jsonl.gz or .parquet file, or a folder of them")
+    p.add_argument("source", metavar="SOURCE", help="a folder or archive (.tar, .tar.gz/.tgz, .tar.xz/.txz, "
+                   ".tar.bz2) of .txt books, a .jsonl/.jsonl.gz or .parquet file, or a folder of them")
     p.add_argument("--dataset", required=True, help="the prepared dataset folder, e.g. data/demo/demo_4096")
     p.add_argument("--name", required=True, help="the split's name (a letter, then letters, digits or _): "
                    "<corpus>/file_list_test_<name>.npy")

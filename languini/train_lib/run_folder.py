@@ -186,8 +186,9 @@ def _wandb_run_names(run_dir: str) -> re.Pattern | None:
 def remove_run_files(run_dir: str) -> list[str]:
     """Remove, by name, the files a run (and eval.py) wrote into `run_dir`; returns the removed paths.
 
-    Top level: RUN_FILES. checkpoints/: latest.pt and the sharded (FSDP) checkpoint folders. tensorboard/: SummaryWriter's event files. wandb/: the
-    run folders named after the id in wandb_id.txt and wandb's own links. eval/: the results eval.py wrote.
+    Top level: RUN_FILES. checkpoints/: latest.pt and the sharded (FSDP) checkpoint folders. tensorboard/:
+    SummaryWriter's event files. wandb/: the run folders named after the id in wandb_id.txt and wandb's own
+    links. eval/: the results eval.py wrote.
     Stale temporary files of the run's atomic writes go too. A folder is removed only when it is left
     empty; anything else (the user's notes, the lock file) stays where it is.
     """
