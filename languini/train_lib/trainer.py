@@ -391,7 +391,6 @@ class Trainer:
     def _validate_into(self, record: dict, interruption: "Interruption", say) -> int:
         """Validate, add the metrics to `record` and print them; returns 0, or the signal that abandoned the
         validation (nothing is added then)."""
-        self.window.check_finite(self.step)
         try:
             eval_metrics = self.validate(interruption)
         except ValidationAbandoned as abandoned:
@@ -458,9 +457,10 @@ class Trainer:
                 record.update({k: v.item() for k, v in norms.items()})
                 pause_start = time.perf_counter()  # checkpoint and eval time stay out of tokens/s
                 saved = done or stop or clock_due or _due(self.step, cfg.log_ckpt_every)
-                if saved:
-                    window.check_finite(self.step)  # never checkpoint a diverged model
-                if cfg.eval_every > 0 and not stop and (done or _due(self.step, cfg.eval_every)):
+                validated = cfg.eval_every > 0 and not stop and (done or _due(self.step, cfg.eval_every))
+                if saved or validated:
+                    window.check_finite(self.step)  # never validate or checkpoint a diverged model
+                if validated:
                     stop = self._validate_into(record, interruption, say)
                     saved = saved or bool(stop)  # a signal abandoned the validation: checkpoint this step now
                 # the step's metrics line goes before its checkpoint: a crash between the two resumes from the
@@ -662,7 +662,6 @@ def _seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
 
 
 def _shapes(state) -> list:
