@@ -16,6 +16,7 @@ from languini.train_lib.checkpoint import load_checkpoint
 from languini.train_lib.loggers import read_metrics
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GPT_MAIN = os.path.join(REPO_ROOT, "languini", "projects", "gpt", "main.py")
 
 
 def load_benchmark(name):
@@ -101,6 +102,13 @@ def check_two_processes_equal_accumulation(main_py, run_main, make_args, tmp_pat
     assert len(ddp_norms) == 10
     np.testing.assert_allclose(ddp_norms, acc_norms, rtol=tol)
     return ddp_dir, acc_dir
+
+
+def single_error_line(err: str) -> str:
+    """`err` is exactly one `error: ...` line (warnings before it allowed) and no traceback; returns it."""
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("warning: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
 
 
 def output_tail(proc: subprocess.CompletedProcess, chars=3000) -> str:

@@ -23,10 +23,12 @@ import time
 import pytest
 import torch
 from helpers import (
+    GPT_MAIN,
     REPO_ROOT,
     exit_code,
     make_synthetic_corpus,
     output_tail,
+    single_error_line,
     tiny_run_args,
     torchrun,
     train_losses,
@@ -48,7 +50,6 @@ from languini.train_lib.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
-GPT_MAIN = os.path.join(REPO_ROOT, "languini", "projects", "gpt", "main.py")
 
 
 def tiny_args(data_root, run_dir, steps=4, *extra):
@@ -65,10 +66,7 @@ def run_eval(argv) -> int:
 
 def one_error_line(capsys) -> str:
     """The captured stderr is exactly one `error: ...` line (warnings before it allowed), no traceback."""
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("warning: ")]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
+    return single_error_line(capsys.readouterr().err)
 
 
 def file_bytes(run_dir, *names) -> dict:

@@ -11,7 +11,16 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from helpers import REPO_ROOT, exit_code, load_benchmark, output_tail, tiny_run_args, torchrun, train_losses
+from helpers import (
+    GPT_MAIN,
+    REPO_ROOT,
+    exit_code,
+    load_benchmark,
+    output_tail,
+    tiny_run_args,
+    torchrun,
+    train_losses,
+)
 
 from languini.projects import load_project
 from languini.projects.gpt import main as gpt_main
@@ -20,7 +29,7 @@ from languini.tools import export
 from languini.train_lib.checkpoint import load_checkpoint, load_model_weights
 
 MAINS = {
-    "gpt": (gpt_main, os.path.join(REPO_ROOT, "languini", "projects", "gpt", "main.py")),
+    "gpt": (gpt_main, GPT_MAIN),
     "lstm": (lstm_main, os.path.join(REPO_ROOT, "languini", "projects", "lstm", "main.py")),
 }
 TOL = 1e-4

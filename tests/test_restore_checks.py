@@ -17,10 +17,12 @@ import sys
 import pytest
 import torch
 from helpers import (
+    GPT_MAIN,
     REPO_ROOT,
     exit_code,
     make_synthetic_corpus,
     output_tail,
+    single_error_line,
     tiny_run_args,
     torchrun,
     train_losses,
@@ -37,7 +39,6 @@ from languini.train_lib.train_command import run_training
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
-GPT_MAIN = os.path.join(REPO_ROOT, "languini", "projects", "gpt", "main.py")
 STEPS = 3  # of the trained run; its checkpoints resume with STEPS + 2
 
 
@@ -75,13 +76,6 @@ def crafted(trained, tmp_path, change, optimizer="adam"):
     return args, str(path)
 
 
-def one_error_line(err: str) -> str:
-    """`err` is exactly one `error: ...` line (warnings aside), no traceback."""
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("warning: ")]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
-
-
 def first_state(checkpoint, optimizer="adam") -> dict:
     """The saved optimiser state of the first parameter (of Adam, or of Muon's matrices)."""
     state = checkpoint["optimizer"] if optimizer == "adam" else checkpoint["optimizer"]["muon"]
@@ -98,7 +92,7 @@ def test_an_optimizer_buffer_of_another_size_is_refused_without_a_crash(trained,
     proc = subprocess.run([sys.executable, GPT_MAIN, *args], capture_output=True, text=True, cwd=REPO_ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]
-    line = one_error_line(proc.stderr)
+    line = single_error_line(proc.stderr)
     assert path in line and "exp_avg 3 float32" in line
 
 
@@ -135,7 +129,7 @@ def test_an_optimizer_state_that_does_not_fit_is_one_line(trained, tmp_path, cap
     change, words = ADAM_DAMAGE[damage]
     args, path = crafted(trained, tmp_path, change)
     assert run_main(args) == 2
-    line = one_error_line(capsys.readouterr().err)
+    line = single_error_line(capsys.readouterr().err)
     assert path in line and "optimizer state" in line and words in line
 
 
@@ -148,7 +142,7 @@ def test_muon_states_are_checked_and_a_good_one_resumes(trained, tmp_path, capsy
 
     args, path = crafted(trained, tmp_path, wrong_buffer, "muon")
     assert run_main(args) == 2
-    line = one_error_line(capsys.readouterr().err)
+    line = single_error_line(capsys.readouterr().err)
     assert path in line and "Muon optimizer state" in line and "momentum_buffer 2x2" in line
     args, _ = crafted(trained, tmp_path / "good", lambda c: None, optimizer="muon")
     assert run_main(args) == 0
@@ -195,7 +189,7 @@ def test_a_schedule_loader_step_or_config_of_another_run_is_one_line(trained, tm
     change, words = RUN_DAMAGE[damage]
     args, path = crafted(trained, tmp_path, change)
     assert run_main(args) == 2
-    line = one_error_line(capsys.readouterr().err)
+    line = single_error_line(capsys.readouterr().err)
     assert path in line and words in line
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import (
-    REPO_ROOT,
+    GPT_MAIN,
     check_two_processes_equal_accumulation,
     exit_code,
     first_and_last_losses,
@@ -29,9 +29,6 @@ from languini.train_lib.checkpoint import load_checkpoint
 from languini.train_lib.loggers import read_metrics
 from languini.train_lib.optim import lr_at_step
 from languini.train_lib.train_command import run_training
-
-GPT_MAIN = os.path.join(REPO_ROOT, "languini", "projects", "gpt", "main.py")
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
